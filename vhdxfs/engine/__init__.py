@@ -1,0 +1,1 @@
+"""Engine layer: translation, allocation, journaling and parent chains on top of the host file."""

@@ -1,0 +1,160 @@
+"""The one place that touches the OS file: pread, pwrite, fdatasync, truncate, punch hole, locks.
+
+Every method is synchronous; the ``a*`` twins run it in a worker thread so the trio loop never waits on
+the disk. Tests subclass HostFile to inject faults (lost writes, torn writes, ENOSPC, EIO) at this seam.
+
+Locks are Linux open-file-description (OFD) record locks on the whole file: per open file, not per
+process, and on NFS (via NLM) and CIFS they become byte-range locks the server enforces, unlike flock.
+QEMU uses the same kind of lock on a few bytes of the image, so a mounted image also keeps QEMU out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+import trio
+
+from ..errors import HostIOError, ImageLockedError
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class HostFile:
+    """An image file on the host, opened read-only or read-write, with the matching lock held."""
+
+    def __init__(self, path: str | os.PathLike, *, writable: bool, lock: bool = True) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as exc:
+            raise HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno) from None
+        self.punch_supported = True
+        if lock:
+            try:
+                self._lock(exclusive=writable)
+            except BaseException:
+                os.close(self.fd)
+                raise
+
+    def _lock(self, *, exclusive: bool) -> None:
+        lock_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD).
+        arg = struct.pack("hhqqi4x", lock_type, os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, arg)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                how = "written" if exclusive else "read"
+                raise ImageLockedError(f"image is in use by another process (locked; cannot be {how} now)",
+                                       path=self.path) from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> HostIOError:
+        return HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno)
+
+    # -- synchronous primitives -------------------------------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read exactly ``length`` bytes; what lies past the end of the file reads as zeros."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            while len(data) < length:
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    return data + bytes(length - len(data))
+                data += more
+            return data
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def fdatasync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Return the range's space to the host; it reads as zeros after. False if the host can't."""
+        if not self.punch_supported or length <= 0:
+            return False
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            self.punch_supported = False
+            return False
+        raise HostIOError(os.strerror(err), path=self.path, errno=err)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Make a range read as zeros: punch where the host allows it, else write zeros."""
+        if self.punch_hole(offset, length):
+            return
+        chunk = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(chunk))
+            self.pwrite(offset, chunk[:n])
+            offset += n
+            length -= n
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve host space (fixed images); falls back to a sparse extension where unsupported."""
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise self._error(exc) from None
+            if self.size() < offset + length:
+                self.truncate(offset + length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- the same, off the trio loop ---------------------------------------------------------------------
+    async def apread(self, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(self.pread, offset, length)
+
+    async def apwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await trio.to_thread.run_sync(self.pwrite, offset, data)
+
+    async def afdatasync(self) -> None:
+        await trio.to_thread.run_sync(self.fdatasync)
+
+    async def atruncate(self, size: int) -> None:
+        await trio.to_thread.run_sync(self.truncate, size)
+
+    async def apunch_hole(self, offset: int, length: int) -> bool:
+        return await trio.to_thread.run_sync(self.punch_hole, offset, length)
+
+    async def awrite_zeros(self, offset: int, length: int) -> None:
+        await trio.to_thread.run_sync(self.write_zeros, offset, length)

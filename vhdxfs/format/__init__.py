@@ -1,0 +1,1 @@
+"""Format layer: constants, structure layouts, encode/decode, checksums. No I/O happens here."""

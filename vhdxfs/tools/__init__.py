@@ -1,0 +1,1 @@
+"""Offline image tools, built on the engine."""

@@ -41,6 +41,12 @@ class CorruptImageError(VhdxError):
     default_errno = _errno.EUCLEAN
 
 
+class NotVhdxError(VhdxError):
+    """The file is not a VHDX image at all (no file type identifier)."""
+
+    default_errno = _errno.EINVAL
+
+
 class UnsupportedError(VhdxError):
     """Valid per the spec, but something this implementation does not do (e.g. unknown required region)."""
 

@@ -6,7 +6,7 @@ import struct
 import uuid
 from dataclasses import dataclass, replace
 
-from ..errors import CorruptImageError, UnsupportedError
+from ..errors import CorruptImageError, NotVhdxError, UnsupportedError
 from . import checksum
 from .constants import (
     ALIGNMENT,
@@ -32,7 +32,7 @@ def encode_file_identifier(creator: str = "vhdxfs") -> bytes:
 def check_file_identifier(data: bytes) -> str:
     """Validate the signature and return the creator string."""
     if len(data) < 8 or data[:8] != FILE_SIGNATURE:
-        raise CorruptImageError("not a VHDX file (no 'vhdxfile' signature at offset 0)",
+        raise NotVhdxError("not a VHDX file (no 'vhdxfile' signature at offset 0)",
                                 field="FileTypeIdentifier.Signature")
     creator = bytes(data[8:8 + _CREATOR_SIZE])
     return creator.decode("utf-16-le", errors="replace").split("\0", 1)[0]

@@ -1,0 +1,39 @@
+"""Small helpers shared by tests: running the CLI and the peers, hashing files."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+from vhdxfs.tools.create import ImageSpec, write_new_image
+
+
+def vhdxfs(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real command line in a child process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "vhdxfs.cli", *map(str, args)], capture_output=True,
+                          text=True, check=check)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*map(str, args)], capture_output=True, text=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_image(path: Path, size: int, **kw) -> Path:
+    write_new_image(path, ImageSpec(size, **kw))
+    return path
+
+
+def qemu_check_clean(path: Path) -> None:
+    result = run("qemu-img", "check", "-f", "vhdx", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No errors were found" in result.stdout

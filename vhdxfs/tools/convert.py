@@ -1,0 +1,149 @@
+"""`vhdxfs convert SRC DST`: raw <-> VHDX (and VHDX -> VHDX), chosen by the file extensions.
+
+Zeros are never written: holes in a raw source are skipped with SEEK_DATA, unallocated VHDX ranges are
+skipped by translation, and all-zero chunks of data are skipped too, so the output stays sparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from ..engine.disk import VirtualDisk
+from ..errors import HostIOError, UsageError, VhdxError
+from ..sizes import format_size
+from .create import ImageSpec, write_new_image
+from .progress import progress
+
+CHUNK = 4 << 20
+VHDX_SUFFIXES = (".vhdx", ".avhdx")
+
+
+def is_vhdx(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VHDX_SUFFIXES
+
+
+class RawSource:
+    """A raw file read in chunks, its holes skipped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno) from None
+        self.size = os.fstat(self.fd).st_size
+
+    def _next_data(self, pos: int) -> int:
+        try:
+            return os.lseek(self.fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return self.size
+            return pos  # SEEK_DATA unsupported: treat everything as data
+
+    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
+        pos = 0
+        while pos < self.size:
+            pos = self._next_data(pos)
+            if pos >= self.size:
+                return
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = self.size
+            end = min(hole, self.size)
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                data = await trio.to_thread.run_sync(os.pread, self.fd, n, pos)
+                yield pos, data
+                pos += n
+
+    async def close(self) -> None:
+        os.close(self.fd)
+
+
+class VhdxSource:
+    def __init__(self, disk: VirtualDisk) -> None:
+        self.disk = disk
+        self.size = disk.size
+        self.path = disk.path
+
+    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
+        for voff, n in await self.disk.data_runs(0, self.size):
+            for pos in range(voff, voff + n, CHUNK):
+                yield pos, await self.disk.read(pos, min(CHUNK, voff + n - pos))
+
+    async def close(self) -> None:
+        await self.disk.close()
+
+
+async def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | None = None) -> int:
+    """Copy the virtual contents of ``src`` into a new ``dst``; returns the bytes of data written."""
+    if Path(dst).exists():
+        raise VhdxError("already exists; remove it first or pick another name", path=dst)
+    source = VhdxSource(await VirtualDisk.open(src, read_only=True)) if is_vhdx(src) else RawSource(src)
+    written = 0
+    try:
+        if is_vhdx(dst):
+            if source.size == 0:
+                raise UsageError("source is empty; a VHDX disk cannot have size 0", path=src)
+            await trio.to_thread.run_sync(write_new_image, dst, ImageSpec(source.size, disk_type=disk_type,
+                                                                           block_size=block_size))
+            target = await VirtualDisk.open(dst)
+            write = target.write
+        else:
+            target = None
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, source.size)
+
+            async def write(pos: int, data: bytes) -> None:
+                await trio.to_thread.run_sync(os.pwrite, fd, data, pos)
+        try:
+            with progress(source.size, f"converting {Path(src).name}") as bar:
+                done = 0
+                async for pos, data in source.chunks():
+                    if data.count(0) != len(data):
+                        await write(pos, data)
+                        written += len(data)
+                    bar.update(pos + len(data) - done)
+                    done = pos + len(data)
+                bar.update(source.size - done)
+        finally:
+            if target is not None:
+                await target.close()
+            else:
+                os.fsync(fd)
+                os.close(fd)
+    except BaseException:
+        Path(dst).unlink(missing_ok=True)
+        raise
+    finally:
+        await source.close()
+    return written
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("convert", help="convert raw <-> VHDX",
+                              description="Convert between raw and VHDX, by extension (.vhdx/.avhdx are VHDX, "
+                                          "anything else is raw). The output is sparse; DST must not exist.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--type", choices=("dynamic", "fixed"), default="dynamic", help="type of a VHDX output")
+    p.add_argument("--block-size", help="block size of a VHDX output (default by size, as QEMU)")
+    p.add_argument("--parent", metavar="PATH", help="the parent of a differencing SRC, if it cannot be found")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sizes import parse_size
+
+    block_size = parse_size(args.block_size, "--block-size") if args.block_size else None
+    written = trio.run(convert, args.src, args.dst, args.type, block_size)
+    print(f"converted {args.src} -> {args.dst} ({format_size(written)} of data)")
+    return 0

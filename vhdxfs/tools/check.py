@@ -21,7 +21,7 @@ from ..format.region import RegionTable
 CLEAN, COULD_NOT_CHECK, INCONSISTENT = 0, 1, 2
 
 
-def check_image(path: str) -> dict[str, Any]:
+def check_image(path: str, parent: str | None = None) -> dict[str, Any]:
     """Report as a dict: status ('clean' | 'inconsistent'), errors, warnings, notes."""
     report: dict[str, Any] = {"filename": str(path), "errors": [], "warnings": [], "notes": []}
     try:
@@ -48,8 +48,13 @@ def check_image(path: str) -> dict[str, Any]:
         ranges = image.bat.allocated_ranges()
         report["allocated-blocks"] = len(ranges)
         report["image-end-offset"] = max([o + n for o, n, _ in ranges] + [image.file_size()])
+        differencing = image.is_differencing
     finally:
         image.close()
+    if differencing:
+        from .info import parent_chain
+
+        report["parents"] = parent_chain(path, parent)  # a missing or mismatched parent: could not check
     report["status"] = "inconsistent" if report["errors"] else "clean"
     return report
 
@@ -66,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        report = check_image(args.image)
+        report = check_image(args.image, args.parent)
     except VhdxError as exc:
         if args.json:
             print(json.dumps({"filename": args.image, "status": "could-not-check", "errors": [str(exc)]}, indent=2))

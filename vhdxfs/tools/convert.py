@@ -83,11 +83,12 @@ class VhdxSource:
         await self.disk.close()
 
 
-async def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | None = None) -> int:
+async def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | None = None,
+                  parent: str | None = None) -> int:
     """Copy the virtual contents of ``src`` into a new ``dst``; returns the bytes of data written."""
     if Path(dst).exists():
         raise VhdxError("already exists; remove it first or pick another name", path=dst)
-    source = VhdxSource(await VirtualDisk.open(src, read_only=True)) if is_vhdx(src) else RawSource(src)
+    source = VhdxSource(await VirtualDisk.open(src, read_only=True, parent=parent)) if is_vhdx(src) else RawSource(src)
     written = 0
     try:
         if is_vhdx(dst):
@@ -144,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
     from ..sizes import parse_size
 
     block_size = parse_size(args.block_size, "--block-size") if args.block_size else None
-    written = trio.run(convert, args.src, args.dst, args.type, block_size)
+    written = trio.run(convert, args.src, args.dst, args.type, block_size, args.parent)
     print(f"converted {args.src} -> {args.dst} ({format_size(written)} of data)")
     return 0

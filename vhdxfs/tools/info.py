@@ -7,11 +7,28 @@ import json
 import os
 from typing import Any
 
+import trio
+
+from ..engine.disk import VirtualDisk
 from ..engine.image import VhdxFile
+from ..errors import VhdxError
 from ..sizes import format_size
 
 
-def describe(path: str) -> dict[str, Any]:
+def parent_chain(path: str, parent: str | None = None) -> list[str]:
+    """The parents of a differencing image, nearest first (opened read-only, never written)."""
+
+    async def walk() -> list[str]:
+        disk = await VirtualDisk.open(path, read_only=True, parent=parent)
+        try:
+            return [str(p) for p in disk.chain()[1:]]
+        finally:
+            await disk.close()
+
+    return trio.run(walk)
+
+
+def describe(path: str, parent: str | None = None) -> dict[str, Any]:
     """Facts about the image as a JSON-ready dict."""
     image = VhdxFile.open(path, read_only=True)
     try:
@@ -40,9 +57,14 @@ def describe(path: str) -> dict[str, Any]:
         }
         if m.has_parent and m.parent_locator is not None:
             info["parent-locator"] = dict(m.parent_locator.entries)
-        return info
     finally:
         image.close()
+    if info["type"] == "differencing":
+        try:
+            info["parents"] = parent_chain(path, parent)
+        except VhdxError as exc:
+            info["parent-error"] = str(exc)
+    return info
 
 
 def format_human(info: dict[str, Any]) -> str:
@@ -63,7 +85,9 @@ def format_human(info: dict[str, Any]) -> str:
     for key, value in info.get("parent-locator", {}).items():
         lines.append(f"parent {key}: {value}")
     for i, parent in enumerate(info.get("parents", []), 1):
-        lines.append(f"backing file {i}: {parent}")
+        lines.append(f"parent {i}: {parent}")
+    if "parent-error" in info:
+        lines.append(f"parent: {info['parent-error']}")
     return "\n".join(lines)
 
 
@@ -78,6 +102,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.image)
+    info = describe(args.image, args.parent)
     print(json.dumps(info, indent=2) if args.json else format_human(info))
     return 0

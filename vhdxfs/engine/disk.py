@@ -335,10 +335,19 @@ class VirtualDisk:
                 guid = guids.new_guid()
                 await trio.to_thread.run_sync(functools.partial(self.image.update_header, log_guid=guid))
                 self.writer.log_guid = guid
+            bat_dirty = set(self.bat.dirty)
+            bitmap_dirty = set(self.bitmaps.dirty) if self.bitmaps is not None else set()
             pages = self.bat.take_dirty_pages()
             if self.bitmaps is not None:
                 pages.update(self.bitmaps.take_dirty_pages())
-            await trio.to_thread.run_sync(self.writer.commit, pages, self.allocator.file_end)
+            try:
+                await trio.to_thread.run_sync(self.writer.commit, pages, self.allocator.file_end)
+            except BaseException:
+                # Not durable (e.g. ENOSPC): the pages stay dirty so the next flush tries again.
+                self.bat.dirty |= bat_dirty
+                if self.bitmaps is not None:
+                    self.bitmaps.dirty |= bitmap_dirty
+                raise
             if self._inflight_writes == 0:
                 self.allocator.release_pending()
 

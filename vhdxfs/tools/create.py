@@ -116,6 +116,8 @@ def write_new_image(path: str | os.PathLike, spec: ImageSpec) -> None:
             if spec.disk_type == "fixed":
                 end = _write_fixed_bat(f, geometry, bat_offset, payload_offset)
             f.truncate(end)
+            # Reserve the log and metadata regions now, so journaling never meets a full host disk.
+            os.posix_fallocate(f.fileno(), log_offset, payload_offset - log_offset)
             if spec.disk_type == "fixed":
                 os.posix_fallocate(f.fileno(), payload_offset, end - payload_offset)
             f.flush()

@@ -1,0 +1,88 @@
+"""Host I/O errors: a full host filesystem gives ENOSPC and a consistent image; EIO surfaces as EIO."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import missing, need_tools
+from tests.helpers import make_image, run
+from vhdxfs.engine.disk import VirtualDisk
+from vhdxfs.engine.hostfile import HostFile
+from vhdxfs.errors import HostIOError
+from vhdxfs.tools.check import check_image
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 48 MiB ext4 filesystem on a loop device, mounted at tmp_path/small."""
+    if os.geteuid() != 0:
+        missing("needs root for a loop-mounted filesystem")
+    need_tools("mkfs.ext4", "losetup", "qemu-img")
+    backing = tmp_path / "small.ext4"
+    with open(backing, "wb") as f:
+        f.truncate(48 * MiB)
+    assert run("mkfs.ext4", "-q", "-F", backing).returncode == 0
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    result = run("mount", "-o", "loop", backing, mnt)
+    if result.returncode != 0:
+        missing(f"cannot loop-mount: {result.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_full_host_disk_gives_enospc_and_keeps_the_image_consistent(small_fs):
+    image = make_image(small_fs / "d.vhdx", 256 * MiB, block_size=1 * MiB)
+    async with await VirtualDisk.open(image) as disk:
+        await disk.write(0, b"\x42" * MiB)
+        await disk.flush()
+        with pytest.raises(HostIOError) as exc:
+            for i in range(1, 256):
+                await disk.write(i * MiB, os.urandom(MiB))
+        assert exc.value.errno == errno.ENOSPC
+        # Reads go on, and what was flushed is intact.
+        assert await disk.read(0, MiB) == b"\x42" * MiB
+        try:
+            await disk.flush()
+        except HostIOError as flush_exc:
+            assert flush_exc.errno == errno.ENOSPC
+    assert check_image(str(image))["status"] == "clean"
+    result = run("qemu-img", "check", image)
+    assert result.returncode == 0, result.stdout + result.stderr
+    async with await VirtualDisk.open(image, read_only=True) as disk:
+        assert await disk.read(0, MiB) == b"\x42" * MiB
+
+
+class FailingReads(HostFile):
+    """A host file whose payload reads fail with EIO, as a dying disk's would."""
+
+    fail_from = 1 << 62
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset >= self.fail_from:
+            raise HostIOError(os.strerror(errno.EIO), path=self.path, errno=errno.EIO)
+        return super().pread(offset, length)
+
+
+async def test_eio_from_the_host_surfaces_as_eio(tmp_path):
+    image = make_image(tmp_path / "d.vhdx", 32 * MiB, block_size=1 * MiB)
+    async with await VirtualDisk.open(image) as disk:
+        await disk.write(5 * MiB, b"z" * 4096)
+        payload_at = disk.bat.payload(5)[1]
+    FailingReads.fail_from = payload_at
+    disk = await VirtualDisk.open(image, read_only=True, host_factory=FailingReads)
+    try:
+        with pytest.raises(HostIOError) as exc:
+            await disk.read(5 * MiB, 4096)
+        assert exc.value.errno == errno.EIO and str(image) in str(exc.value)
+        assert await disk.read(0, 4096) == bytes(4096)  # unallocated space needs no host read
+    finally:
+        await disk.close()

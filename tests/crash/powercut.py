@@ -94,11 +94,12 @@ class PowerCutHost(HostFile):
     def size(self) -> int:
         return len(self.disk.volatile)
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread_into(self, offset: int, view: memoryview) -> None:
         if self.disk.cut:
             raise PowerCut()
-        data = bytes(self.disk.volatile[offset:offset + length])
-        return data + bytes(length - len(data))
+        data = self.disk.volatile[offset:offset + len(view)]
+        view[:len(data)] = data
+        view[len(data):] = bytes(len(view) - len(data))
 
     def pwrite(self, offset: int, data) -> None:
         self.disk.tick()

@@ -66,10 +66,10 @@ class FailingReads(HostFile):
 
     fail_from = 1 << 62
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread_into(self, offset: int, view: memoryview) -> None:
         if offset >= self.fail_from:
             raise HostIOError(os.strerror(errno.EIO), path=self.path, errno=errno.EIO)
-        return super().pread(offset, length)
+        super().pread_into(offset, view)
 
 
 async def test_eio_from_the_host_surfaces_as_eio(tmp_path):

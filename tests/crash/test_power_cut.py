@@ -96,7 +96,7 @@ async def one_cut(tmp_path: Path, seed: int, differencing: bool) -> tuple[bool, 
     target.write_bytes(medium.survivor())
     # Invariant 1: it opens (replaying the log) and checks clean, ours and QEMU's.
     async with await VirtualDisk.open(target) as disk:
-        contents = await disk.read(0, SIZE)
+        contents = bytes(await disk.read(0, SIZE))
         replayed = disk.image.replayed_entries > 0
     report = await trio.to_thread.run_sync(check_image, str(target))
     assert report["status"] == "clean", report

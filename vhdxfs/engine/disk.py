@@ -167,28 +167,24 @@ class VirtualDisk:
         return out
 
     # -- reads --------------------------------------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """The bytes of [offset, offset+length) (a bytes-like object)."""
         self._check(offset, length)
         runs = await self.translate(offset, length)
-        if len(runs) == 1:
-            return await self._read_run(*runs[0])
+        if len(runs) == 1 and runs[0][2] == ZERO:
+            return bytes(length)
         buf = bytearray(length)
+        view = memoryview(buf)
         for voff, n, where in runs:
-            if where != ZERO:
-                buf[voff - offset:voff - offset + n] = await self._read_run(voff, n, where)
-        return bytes(buf)
-
-    async def _read_run(self, voff: int, n: int, where: int) -> bytes:
-        if where == ZERO:
-            return bytes(n)
-        if where == PARENT:
-            return await self.parent.read(voff, n)
-        data = await self.host.apread(where, n)
-        if self.image.overlay:
-            buf = bytearray(data)
-            self.image.overlay.patch(where, buf)
-            data = bytes(buf)
-        return data
+            if where == PARENT:
+                view[voff - offset:voff - offset + n] = await self.parent.read(voff, n)
+            elif where != ZERO:
+                await self.host.apread_into(where, view[voff - offset:voff - offset + n])
+                if self.image.overlay:
+                    patched = bytearray(view[voff - offset:voff - offset + n])
+                    self.image.overlay.patch(where, patched)
+                    view[voff - offset:voff - offset + n] = patched
+        return buf
 
     # -- writes -------------------------------------------------------------------------------------------
     def _writable(self) -> None:

@@ -1,0 +1,218 @@
+"""pyfuse3 Operations: a root directory holding one regular file, <stem>.raw, per mounted image.
+
+Only request handling lives here; opening images, mounting and shutting down belong to daemon.py.
+Every VhdxError becomes the FUSEError of its errno, so the kernel gets EROFS, ENOSPC or EIO as it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+
+from ..engine.disk import VirtualDisk
+from ..errors import VhdxError
+
+log = logging.getLogger("vhdxfs.mount")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def raw_name(image: str | os.PathLike) -> str:
+    """disk.vhdx -> disk.raw, snap.avhdx -> snap.raw"""
+    return Path(image).stem + ".raw"
+
+
+class RawFile:
+    """One image as a file: its inode, name and disk, and whether it has writes not yet flushed."""
+
+    def __init__(self, inode: int, name: str, disk: VirtualDisk) -> None:
+        self.inode = inode
+        self.name = name
+        self.disk = disk
+        self.unflushed = False
+
+
+def _fuse_errors(fn: Callable) -> Callable:
+    """Turn VhdxError (and stray OSError) into FUSEError with the right errno, logging the cause."""
+
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except VhdxError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class RawFilesOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, disks: list[VirtualDisk], *, read_only: bool, uid: int, gid: int,
+                 direct_io: bool = True) -> None:
+        super().__init__()
+        self.read_only = read_only
+        self.uid, self.gid = uid, gid
+        self.direct_io = direct_io
+        self.mounted_at = time.time_ns()
+        self.files: dict[int, RawFile] = {}
+        self.by_name: dict[bytes, RawFile] = {}
+        for i, disk in enumerate(disks):
+            f = RawFile(pyfuse3.ROOT_INODE + 1 + i, raw_name(disk.path), disk)
+            self.files[f.inode] = f
+            self.by_name[f.name.encode()] = f
+
+    # -- names and attributes -----------------------------------------------------------------------------
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = self.mounted_at
+        a.attr_timeout = a.entry_timeout = 3600
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_size = 0
+        elif inode in self.files:
+            a.st_mode = stat.S_IFREG | (0o444 if self.read_only else 0o644)
+            a.st_nlink = 1
+            a.st_size = self.files[inode].disk.size
+            a.st_blksize = 1 << 20
+            a.st_blocks = -(-a.st_size // 512)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return a
+
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attrs(pyfuse3.ROOT_INODE)
+        f = self.by_name.get(name)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(f.inode)
+
+    async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        """Sizes are fixed (resize is an offline tool); times and modes are accepted and not stored."""
+        if fields.update_size:
+            f = self.files.get(inode)
+            if f is None or attr.st_size != f.disk.size:
+                raise pyfuse3.FUSEError(errno.EPERM)
+        if (fields.update_uid or fields.update_gid) and ctx is not None and ctx.uid != 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attrs(inode)
+
+    async def opendir(self, inode: int, ctx) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        for f in sorted(self.files.values(), key=lambda f: f.inode):
+            if f.inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, f.name.encode(), self._attrs(f.inode), f.inode):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        bs = 4096
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = sum(f.disk.size for f in self.files.values()) // bs
+        host = os.statvfs(next(iter(self.files.values())).disk.path.parent) if self.files else None
+        free = host.f_bavail * host.f_frsize // bs if host else 0
+        s.f_bfree = s.f_bavail = min(free, s.f_blocks)
+        s.f_files = len(self.files) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- data ---------------------------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        if inode not in self.files:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
+        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # direct_io: every read and write reaches the engine (no second page cache above the host's),
+        # which keeps O_DIRECT users (a VM with cache=none) and buffered users coherent.
+        return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False, nonseekable=False)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int):
+        disk = self.files[fh].disk
+        if off >= disk.size:
+            return b""
+        return await disk.read(off, min(size, disk.size - off))
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f = self.files[fh]
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if off >= f.disk.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # like writing past the end of a block device
+        n = min(len(buf), f.disk.size - off)
+        await f.disk.write(off, memoryview(buf)[:n])
+        f.unflushed = True
+        return n
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        f = self.files[fh]
+        f.unflushed = False
+        await f.disk.flush()
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        """close(2): make what this file wrote durable, so a script may copy the image after closing."""
+        f = self.files[fh]
+        if f.unflushed:
+            f.unflushed = False
+            await f.disk.flush()
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    @_fuse_errors
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """PUNCH_HOLE|KEEP_SIZE is discard; plain allocation inside the disk is a no-op (space comes on write)."""
+        f = self.files[fh]
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if off < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        end = min(off + length, f.disk.size)
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            if off < end:
+                await f.disk.discard(off, end - off)
+                f.unflushed = True
+            return
+        if mode in (0, FALLOC_FL_KEEP_SIZE):
+            if mode == 0 and off + length > f.disk.size:
+                raise pyfuse3.FUSEError(errno.EFBIG)
+            return
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)

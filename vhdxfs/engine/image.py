@@ -66,10 +66,10 @@ class VhdxFile:
     def _load(self) -> None:
         host = self.host
         size = host.size()
+        self.creator = check_file_identifier(host.pread(0, 520))
         if size < HEADER_SECTION_SIZE:
             raise CorruptImageError(f"file is {size} bytes, smaller than the 1 MiB header section",
                                     field="FileTypeIdentifier")
-        self.creator = check_file_identifier(host.pread(0, 520))
         self.header_index, self.header = current_header(host.pread(HEADER_OFFSETS[0], HEADER_SIZE),
                                                         host.pread(HEADER_OFFSETS[1], HEADER_SIZE))
         self.header.validate(size)

@@ -1,0 +1,72 @@
+"""Boot-time use: the systemd unit is valid, READY=1 reaches systemd once mounted, fstab's helper works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import need_tools
+from tests.helpers import make_image, qemu_check_clean, run
+from vhdxfs.mount.fstab import translate
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def test_the_template_unit_passes_systemd_analyze_verify(tmp_path):
+    need_tools("systemd-analyze")
+    vhdxfs_bin = Path(sys.executable).parent / "vhdxfs"
+    unit = (REPO / "systemd" / "vhdxfs@.service").read_text().replace("/usr/local/bin/vhdxfs", str(vhdxfs_bin))
+    (tmp_path / "vhdxfs@.service").write_text(unit)
+    result = run("systemd-analyze", "verify", tmp_path / "vhdxfs@vm1.service")
+    assert result.returncode == 0, result.stderr
+    assert "vhdxfs@" not in result.stderr, result.stderr  # no complaint about our unit
+    broken = unit.replace("Type=notify", "Type=notifyy")
+    (tmp_path / "vhdxfs@.service").write_text(broken)
+    assert "notifyy" in run("systemd-analyze", "verify", tmp_path / "vhdxfs@vm1.service").stderr
+
+
+def test_ready_and_stopping_reach_the_notify_socket(tmp_path, mnt):
+    need_tools("qemu-img")
+    image = make_image(tmp_path / "svc.vhdx", 16 * MiB)
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(20)
+    env = dict(os.environ, NOTIFY_SOCKET=address)
+    daemon = subprocess.Popen([sys.executable, "-m", "vhdxfs.cli", "mount", "--foreground", str(image),
+                               str(mnt.mountpoint)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        message = sock.recv(4096).decode()
+        assert "READY=1" in message
+        assert os.path.ismount(mnt.mountpoint)  # ready means mounted
+        (mnt.mountpoint / "svc.raw").open("r+b").write(b"hello")
+        daemon.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in sock.recv(4096).decode()
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        sock.close()
+    assert not os.path.ismount(mnt.mountpoint)
+    qemu_check_clean(image)
+
+
+def test_the_fstab_helper_translates_mount_arguments():
+    assert translate(["/srv/a.vhdx", "/mnt/a", "-o", "rw,noauto,allow_other,x-systemd.automount"]) == \
+        ["mount", "-o", "allow_other", "/srv/a.vhdx", "/mnt/a"]
+    assert translate(["/a.vhdx:/b.vhdx", "/m", "-o", "ro", "-n"]) == ["mount", "-o", "ro", "/a.vhdx", "/b.vhdx", "/m"]
+    assert translate(["/a.vhdx", "/m"]) == ["mount", "/a.vhdx", "/m"]
+
+
+def test_the_fstab_helper_mounts_like_mount_8_would(tmp_path, mnt):
+    image = make_image(tmp_path / "boot.vhdx", 8 * MiB)
+    helper = Path(sys.executable).parent / "mount.fuse.vhdxfs"
+    result = run(helper, image, mnt.mountpoint, "-o", "rw,nofail,_netdev")
+    assert result.returncode == 0, result.stderr
+    assert (mnt.mountpoint / "boot.raw").stat().st_size == 8 * MiB
+    mnt.umount()

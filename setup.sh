@@ -18,10 +18,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+[ -x .venv/bin/python ] || python3 -m venv .venv
+
+# pyfuse3 3.5.0 has no fallocate handler, so discard (fallocate PUNCH_HOLE) could not reach us: build it
+# from its sdist with packaging/patch_pyfuse3.py applied (README, "Stack").
+if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "FALLOCATE_SUPPORTED", False))' \
+    2>/dev/null; then
+  echo "setup: building pyfuse3 3.5.0 with fallocate support" >&2
+  work="$(mktemp -d)"
+  .venv/bin/pip download -q --no-deps --no-binary :all: pyfuse3==3.5.0 -d "$work"
+  tar -xzf "$work"/pyfuse3-3.5.0.tar.gz -C "$work"
+  .venv/bin/python packaging/patch_pyfuse3.py "$work/pyfuse3-3.5.0"
+  .venv/bin/pip install -q "$work/pyfuse3-3.5.0"
+  rm -rf "$work"
+fi
+
 if [ ! -x .venv/bin/vhdxfs ] || [ pyproject.toml -nt .venv/.installed ]; then
-  echo "setup: creating .venv and installing vhdxfs with its test extra" >&2
-  python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  echo "setup: installing vhdxfs with its test extra into .venv" >&2
   .venv/bin/pip install -q -e '.[test]'
   touch .venv/.installed
 fi

@@ -179,3 +179,29 @@ def test_stopping_while_writing_leaves_a_clean_image(tmp_path, mnt, how):
     assert not os.path.ismount(mnt.mountpoint)
     qemu_check_clean(image)
     assert "log: clean" in vhdxfs("info", image).stdout
+
+
+def test_discard_reads_zeros_and_returns_host_space(tmp_path, mnt):
+    import pyfuse3
+
+    assert getattr(pyfuse3, "FALLOCATE_SUPPORTED", False), "pyfuse3 lacks fallocate: run ./setup.sh"
+    need_tools("fallocate", "qemu-img")
+    image = make_image(tmp_path / "trim.vhdx", 64 * MiB, block_size=1 * MiB)
+    mnt.mount(image)
+    raw = mnt.raw("trim.raw")
+    with open(raw, "r+b") as f:
+        f.write(os.urandom(24 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    used = image.stat().st_blocks
+    assert run("fallocate", "--punch-hole", "--keep-size", "-o", str(2 * MiB), "-l", str(16 * MiB), raw).returncode == 0
+    assert run("fallocate", "-p", "-o", "100", "-l", "1000", raw).returncode == 0  # partial: zeroed in place
+    with open(raw, "rb") as f:
+        data = f.read(24 * MiB)
+    assert data[100:1100] == bytes(1000) and data[2 * MiB:18 * MiB] == bytes(16 * MiB)
+    assert data[1100:2 * MiB] != bytes(2 * MiB - 1100)
+    assert image.stat().st_blocks * 512 <= used * 512 - 15 * MiB  # the host got the space back
+    zero_range = run("fallocate", "-z", "-o", "0", "-l", str(MiB), raw)
+    assert zero_range.returncode != 0  # modes we do not do fail cleanly (EOPNOTSUPP)
+    mnt.umount()
+    qemu_check_clean(image)

@@ -37,3 +37,26 @@ def qemu_check_clean(path: Path) -> None:
     result = run("qemu-img", "check", "-f", "vhdx", path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No errors were found" in result.stdout
+
+
+def make_dirty_image(path: Path, size: int, offset: int, data: bytes) -> Path:
+    """An image whose only record of a write's allocation is in the log, as after a crash between the
+    log write and its application: LogGuid set, the BAT in place still as before the write."""
+    import trio
+
+    from vhdxfs.engine.disk import VirtualDisk
+
+    make_image(path, size, block_size=1 << 20)
+
+    async def crash_after_log() -> None:
+        disk = await VirtualDisk.open(path)
+        bat_at, bat_len = disk.bat.region_offset, disk.geometry.bat_region_length
+        before = disk.host.pread(bat_at, bat_len)
+        await disk.write(offset, data)
+        await disk.flush()
+        disk.host.pwrite(bat_at, before)  # undo the in-place application: the log alone knows
+        disk.host.fdatasync()
+        disk.host.close()  # no clean close: LogGuid stays set
+
+    trio.run(crash_after_log)
+    return path

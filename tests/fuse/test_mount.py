@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import need_tools
-from tests.helpers import make_image, qemu_check_clean, run, sha256, vhdxfs
+from tests.helpers import make_dirty_image, make_image, qemu_check_clean, run, sha256, vhdxfs
 from vhdxfs.mount.daemon import state_file
 
 MiB = 1 << 20
@@ -109,16 +109,19 @@ def test_read_only_mount_refuses_writes_and_changes_no_byte(tmp_path, mnt):
 
 
 def test_read_only_mount_of_a_dirty_log_shows_the_replayed_data(tmp_path, mnt):
-    need_tools("qemu-img", "qemu-io")
-    image = tmp_path / "dirty.vhdx"
-    assert run("qemu-img", "create", "-f", "vhdx", image, "16M").returncode == 0
-    run("qemu-io", "-f", "vhdx", "-c", "write -P 0xab 0 2M", "-c", "abort", image)
-    assert "dirty" in vhdxfs("info", image).stdout
+    image = make_dirty_image(tmp_path / "crashed.vhdx", 16 * MiB, 0, b"\xab" * (2 * MiB))
+    assert "log: dirty" in vhdxfs("info", image).stdout
     digest = sha256(image)
     mnt.mount(image, options="ro")
-    assert mnt.raw("dirty.raw").read_bytes()[:2 * MiB] == b"\xab" * (2 * MiB)
+    assert mnt.raw("crashed.raw").read_bytes()[:2 * MiB] == b"\xab" * (2 * MiB)
     mnt.umount()
     assert sha256(image) == digest
+    # A writable mount replays the log into the file for good.
+    mnt.mount(image)
+    assert mnt.raw("crashed.raw").read_bytes()[:2 * MiB] == b"\xab" * (2 * MiB)
+    mnt.umount()
+    assert "log: clean" in vhdxfs("info", image).stdout
+    qemu_check_clean(image)
 
 
 def test_two_images_in_one_mount_and_clashing_names_refused(tmp_path, mnt):

@@ -41,9 +41,13 @@ class RawFile:
 
 
 def _fuse_errors(fn: Callable) -> Callable:
-    """Turn VhdxError (and stray OSError) into FUSEError with the right errno, logging the cause."""
+    """Turn VhdxError (and stray OSError) into FUSEError with the right errno, logging the cause; with
+    --debug, trace each request (file handle, offset, length)."""
 
     async def wrapper(*args, **kwargs):
+        if log.isEnabledFor(logging.DEBUG):
+            shown = [a if not isinstance(a, bytes | memoryview) else f"<{len(a)} bytes>" for a in args[1:]]
+            log.debug("%s%s", fn.__name__, tuple(shown))
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:

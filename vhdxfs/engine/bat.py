@@ -22,7 +22,8 @@ from ..format.bat import (
 from ..format.constants import HEADER_SECTION_SIZE, LOG_SECTOR_SIZE, MiB
 
 ENTRIES_PER_PAGE = LOG_SECTOR_SIZE // 8
-_ZERO_SCAN = 1 << 16  # entries per zero-skipping scan chunk
+_ZERO_SCAN = 1 << 16  # entries per scan chunk
+_BARE = {0, 1, 2, 3}  # payload states without file space: NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED
 
 PAYLOAD_STATES = {s.value for s in PayloadState}
 BITMAP_STATES = {s.value for s in BitmapState}
@@ -76,23 +77,32 @@ class BlockAllocationTable:
         return pages
 
     # -- iteration and validation -------------------------------------------------------------------------
-    def nonzero(self):
-        """(index, entry) for every non-zero entry, skipping all-zero stretches at C speed."""
-        zeros = array("Q", bytes(8 * _ZERO_SCAN))
+    def notable(self):
+        """(index, entry) for every entry that holds file space or could be invalid.
+
+        Bare payload states 0-3 with no offset (what most of a large sparse BAT holds, zero or not: QEMU
+        marks unallocated blocks ZERO) are skipped a whole chunk at a time at C speed; bitmap entries are
+        always yielded when non-zero, since a bare value there is invalid.
+        """
         entries = self.entries
+        step = self.geometry.chunk_ratio + 1
         for base in range(0, len(entries), _ZERO_SCAN):
             chunk = entries[base:base + _ZERO_SCAN]
-            if chunk == zeros[:len(chunk)]:
+            if set(chunk) <= _BARE:
+                first = base + (self.geometry.chunk_ratio - base) % step  # first bitmap index >= base
+                for index in range(first, base + len(chunk), step):
+                    if entries[index]:
+                        yield index, entries[index]
                 continue
             for i, e in enumerate(chunk):
-                if e:
+                if e > 3 or (e and self.geometry.is_bitmap_index(base + i)):
                     yield base + i, e
 
     def allocated_ranges(self) -> list[tuple[int, int, int]]:
         """(file offset, length, BAT index) of every block that occupies file space, sorted."""
         g = self.geometry
         out = []
-        for index, e in self.nonzero():
+        for index, e in self.notable():
             state = entry_state(e)
             if g.is_bitmap_index(index):
                 if state == BitmapState.PRESENT:
@@ -106,7 +116,7 @@ class BlockAllocationTable:
         """Every entry has a known state and no reserved bits; blocks lie in the file, apart from structures
         (``reserved``: (offset, length, name)) and from each other."""
         g = self.geometry
-        for index, e in self.nonzero():
+        for index, e in self.notable():
             state = entry_state(e)
             is_bitmap = g.is_bitmap_index(index)
             allowed = BITMAP_STATES if is_bitmap else PAYLOAD_STATES

@@ -381,6 +381,3 @@ class VirtualDisk:
             elif where != ZERO:
                 out.append((voff, n))
         return out
-
-    def allocated_bytes(self) -> int:
-        return sum(length for _off, length, _i in self.bat.allocated_ranges())

@@ -6,7 +6,6 @@ offline tools. Header updates (2.2.2.1) live here too, since only the file as a 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,11 +154,6 @@ class VhdxFile:
         if self.metadata.has_parent:
             return "differencing"
         return "fixed" if self.metadata.leave_block_allocated else "dynamic"
-
-    def new_data_write_guid(self) -> uuid.UUID:
-        guid = guids.new_guid()
-        self.update_header(data_write_guid=guid)
-        return guid
 
     def close(self) -> None:
         self.host.close()

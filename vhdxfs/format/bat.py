@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .constants import SECTOR_BITMAP_BLOCK_SIZE, SECTORS_PER_BITMAP, MiB
+from .constants import SECTORS_PER_BITMAP, MiB
 
 STATE_MASK = 0x7
 OFFSET_SHIFT = 20
@@ -100,12 +100,3 @@ class Geometry:
     @property
     def sectors_per_block(self) -> int:
         return self.block_size // self.logical_sector_size
-
-    @property
-    def bitmap_bytes_per_block(self) -> int:
-        """Bytes of sector bitmap that describe one payload block."""
-        return self.sectors_per_block // 8
-
-    @staticmethod
-    def bitmap_block_size() -> int:
-        return SECTOR_BITMAP_BLOCK_SIZE

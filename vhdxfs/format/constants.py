@@ -38,5 +38,4 @@ SECTOR_SIZES = (512, 4096)
 SECTORS_PER_BITMAP = 1 << 23  # sectors described by one 1 MiB sector bitmap block
 SECTOR_BITMAP_BLOCK_SIZE = 1 * MiB
 LOG_SECTOR_SIZE = 4 * KiB
-MAX_LOG_LENGTH = 0xFFFFFFFF // MiB * MiB  # LogLength is 32 bits, a multiple of 1 MiB
 ALIGNMENT = 1 * MiB

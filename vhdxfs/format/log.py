@@ -28,7 +28,6 @@ _DATA_DESC = struct.Struct("<4sIQQQ")  # 32 bytes: signature, trailing(4), leadi
 _DESC_SIZE = 32
 _CHECKSUM_AT = 4
 DESCRIPTORS_PER_SECTOR = LOG_SECTOR_SIZE // _DESC_SIZE  # 128; the first sector holds 126 after the header
-DATA_PER_SECTOR = LOG_SECTOR_SIZE - 12
 
 
 @dataclass(frozen=True)

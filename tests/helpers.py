@@ -60,3 +60,23 @@ def make_dirty_image(path: Path, size: int, offset: int, data: bytes) -> Path:
 
     trio.run(crash_after_log)
     return path
+
+
+async def random_step(disk, model: bytearray, rnd, length: int, discard_ratio: float = 0.15) -> None:
+    """One write of random bytes, or a discard, of ``length`` bytes at a random offset; mirrored in ``model``."""
+    off = rnd.randrange(len(model))
+    n = min(length, len(model) - off)
+    if rnd.random() < discard_ratio:
+        await disk.discard(off, n)
+        model[off:off + n] = bytes(n)
+    else:
+        data = rnd.randbytes(n)
+        await disk.write(off, data)
+        model[off:off + n] = data
+
+
+async def probe_read(disk, model: bytearray, rnd, max_length: int) -> None:
+    """A read at a random place must return what the model holds."""
+    off = rnd.randrange(len(model))
+    n = min(rnd.randrange(1, max_length), len(model) - off)
+    assert await disk.read(off, n) == bytes(model[off:off + n])

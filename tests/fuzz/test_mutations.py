@@ -8,6 +8,7 @@ checksums, headers, region tables and log entries re-sealed with a correct CRC a
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import struct
@@ -204,7 +205,8 @@ def test_mutated_images_give_only_vhdx_errors(seeds, tmp_path_factory, seed, mut
 
 
 @pytest.mark.stress
-@settings(max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("VHDXFS_FUZZ_EXAMPLES", 100_000)), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(seed=st.sampled_from(["ours", "qemu", "dirty", "child"]), mutations=st.lists(mutation, min_size=1, max_size=6))
 def test_mutated_images_stress(seeds, seed, mutations):
     source = seeds.get(seed, seeds["ours"])

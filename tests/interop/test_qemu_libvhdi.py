@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tests.conftest import need_tools
-from tests.helpers import make_image, qemu_check_clean, run, vhdxfs
+from tests.helpers import make_image, qemu_check_clean, random_step, run, vhdxfs
 from vhdxfs.engine.disk import VirtualDisk
 from vhdxfs.format.constants import MiB
 
@@ -84,15 +84,7 @@ async def test_virtualdisk_writes_read_back_identically_by_qemu(tmp_path):
     rnd = random.Random(3)
     async with await VirtualDisk.open(img) as disk:
         for _ in range(120):
-            off = rnd.randrange(size)
-            n = min(rnd.randrange(1, 5 * MiB), size - off)
-            if rnd.random() < 0.1:
-                await disk.discard(off, n)
-                model[off:off + n] = bytes(n)
-            else:
-                data = rnd.randbytes(n)
-                await disk.write(off, data)
-                model[off:off + n] = data
+            await random_step(disk, model, rnd, rnd.randrange(1, 5 * MiB), discard_ratio=0.1)
             if rnd.random() < 0.2:
                 await disk.flush()
     qemu_check_clean(img)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import make_image, run, sha256, vhdxfs
+from tests.helpers import make_image, probe_read, random_step, run, sha256, vhdxfs
 from vhdxfs.engine.disk import VirtualDisk
 from vhdxfs.errors import ParentError
 from vhdxfs.format.bat import PayloadState
@@ -31,20 +31,10 @@ async def random_io(path, model: bytearray, seed: str, steps: int = 80) -> None:
     rnd = random.Random(seed)
     async with await VirtualDisk.open(path) as disk:
         for step in range(steps):
-            off = rnd.randrange(SIZE)
-            n = min(rnd.randrange(512, 5 * MiB), SIZE - off)
-            if rnd.random() < 0.15:
-                await disk.discard(off, n)
-                model[off:off + n] = bytes(n)
-            else:
-                data = rnd.randbytes(n)
-                await disk.write(off, data)
-                model[off:off + n] = data
+            await random_step(disk, model, rnd, rnd.randrange(512, 5 * MiB))
             if step % 9 == 0:
                 await disk.flush()
-            probe = rnd.randrange(SIZE)
-            m = min(rnd.randrange(1, 3 * MiB), SIZE - probe)
-            assert await disk.read(probe, m) == bytes(model[probe:probe + m])
+            await probe_read(disk, model, rnd, 3 * MiB)
 
 
 @pytest.mark.parametrize("sector", [512, 4096])

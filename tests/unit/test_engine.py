@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tests.helpers import make_image, sha256
+from tests.helpers import make_image, probe_read, random_step, sha256
 from vhdxfs.engine.disk import VirtualDisk
 from vhdxfs.errors import ImageLockedError, OutOfRangeError, ReadOnlyError
 from vhdxfs.format.bat import PayloadState
@@ -24,24 +24,13 @@ async def test_random_io_matches_a_model(tmp_path, disk_type, block_size, sector
     rnd = random.Random(f"{disk_type}{block_size}{sector}")
     disk = await VirtualDisk.open(path)
     for step in range(150):
-        off = rnd.randrange(size)
-        n = min(rnd.choice([1, 511, 512, 4096, 70000, 3 * MiB]), size - off)
-        action = rnd.random()
-        if action < 0.15:
-            await disk.discard(off, n)
-            model[off:off + n] = bytes(n)
-        else:
-            data = rnd.randbytes(n)
-            await disk.write(off, data)
-            model[off:off + n] = data
+        await random_step(disk, model, rnd, rnd.choice([1, 511, 512, 4096, 70000, 3 * MiB]))
         if step % 37 == 0:
             await disk.flush()
         if step % 50 == 49:
             await disk.close()
             disk = await VirtualDisk.open(path)
-        probe = rnd.randrange(size)
-        m = min(rnd.randrange(1, 2 * MiB), size - probe)
-        assert await disk.read(probe, m) == bytes(model[probe:probe + m])
+        await probe_read(disk, model, rnd, 2 * MiB)
     await disk.close()
     async with await VirtualDisk.open(path, read_only=True) as disk:
         assert await disk.read(0, size) == bytes(model)

@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "vhdxfs.tools.info",
     "vhdxfs.tools.check",
     "vhdxfs.tools.convert",
+    "vhdxfs.tools.compact",
 )
 
 

@@ -23,6 +23,8 @@ _COMMAND_MODULES = (
     "vhdxfs.tools.check",
     "vhdxfs.tools.convert",
     "vhdxfs.tools.compact",
+    "vhdxfs.tools.resize",
+    "vhdxfs.tools.commit",
 )
 
 

@@ -163,3 +163,16 @@ async def test_parent_stays_clean_for_qemu_and_vhdxfs_check(tmp_path):
     out = tmp_path / "merged.raw"
     assert vhdxfs("convert", child, out).returncode == 0
     assert out.read_bytes() == bytes(model)
+
+
+async def test_an_aligned_write_into_a_partial_block_after_reopening(tmp_path):
+    """Regression: the chunk's sector bitmap was not loaded when a PARTIALLY_PRESENT block from an earlier
+    session got an aligned write before any read of it (KeyError in the bitmap)."""
+    base = make_image(tmp_path / "base.vhdx", SIZE, block_size=1 * MiB)
+    child = tmp_path / "child.avhdx"
+    create_child(child, base, block_size=1 * MiB)
+    async with await VirtualDisk.open(child) as disk:
+        await disk.write(0, b"a" * 512)
+    async with await VirtualDisk.open(child) as disk:
+        await disk.write(512, b"b" * 512)
+        assert await disk.read(0, 1024) == b"a" * 512 + b"b" * 512

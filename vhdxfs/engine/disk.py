@@ -217,6 +217,8 @@ class VirtualDisk:
         """
         async with self._alloc_lock:
             state, file_offset = self.bat.payload(block)
+            if state == _PARTIAL:
+                await self._bitmap(block // self.geometry.chunk_ratio)  # the write will mark sectors in it
             if state in (_PRESENT, _PARTIAL):
                 return state, file_offset
             new_state = _PARTIAL if self.parent is not None and state == PayloadState.NOT_PRESENT else _PRESENT

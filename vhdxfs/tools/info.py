@@ -52,6 +52,8 @@ def describe(path: str, parent: str | None = None) -> dict[str, Any]:
             "log-offset": h.log_offset,
             "log-length": h.log_length,
             "log-state": "clean" if h.log_is_empty else f"dirty ({image.replayed_entries} entries to replay)",
+            "log-dirty": not h.log_is_empty,
+            "log-entries-to-replay": image.replayed_entries,
             "header-sequence-number": h.sequence_number,
             "creator": image.creator,
         }
@@ -59,6 +61,7 @@ def describe(path: str, parent: str | None = None) -> dict[str, Any]:
             info["parent-locator"] = dict(m.parent_locator.entries)
     finally:
         image.close()
+    info["parents"] = []  # the parent chain, nearest first; empty for a dynamic or fixed image
     if info["type"] == "differencing":
         try:
             info["parents"] = parent_chain(path, parent)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,24 @@ def need_root_fuse() -> None:
 def qemu_img() -> str:
     need_tools("qemu-img")
     return "qemu-img"
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 48 MiB ext4 filesystem on a loop device, mounted at tmp_path/small: a host disk that fills up."""
+    if os.geteuid() != 0:
+        missing("needs root for a loop-mounted filesystem")
+    need_tools("mkfs.ext4", "losetup", "qemu-img")
+    backing = tmp_path / "small.ext4"
+    with open(backing, "wb") as f:
+        f.truncate(48 << 20)
+    assert subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], capture_output=True).returncode == 0
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    result = subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], capture_output=True, text=True)
+    if result.returncode != 0:
+        missing(f"cannot loop-mount: {result.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

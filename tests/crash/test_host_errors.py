@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 
 import pytest
 
-from tests.conftest import missing, need_tools
 from tests.helpers import make_image, run
 from vhdxfs.engine.disk import VirtualDisk
 from vhdxfs.engine.hostfile import HostFile
@@ -16,27 +14,6 @@ from vhdxfs.errors import HostIOError
 from vhdxfs.tools.check import check_image
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 48 MiB ext4 filesystem on a loop device, mounted at tmp_path/small."""
-    if os.geteuid() != 0:
-        missing("needs root for a loop-mounted filesystem")
-    need_tools("mkfs.ext4", "losetup", "qemu-img")
-    backing = tmp_path / "small.ext4"
-    with open(backing, "wb") as f:
-        f.truncate(48 * MiB)
-    assert run("mkfs.ext4", "-q", "-F", backing).returncode == 0
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    result = run("mount", "-o", "loop", backing, mnt)
-    if result.returncode != 0:
-        missing(f"cannot loop-mount: {result.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_a_full_host_disk_gives_enospc_and_keeps_the_image_consistent(small_fs):

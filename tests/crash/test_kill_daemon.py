@@ -64,6 +64,7 @@ def one_round(tmp_path, image, mountpoint, rnd: random.Random, written: dict[int
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.02)
     state_file(mountpoint).unlink(missing_ok=True)
+    state_file(mountpoint).with_suffix(".log").unlink(missing_ok=True)
     written.update(ledger)
     # The survivor: a dirty log is fine (a read-only check replays it in memory), inconsistency is not.
     assert check_image(str(image))["status"] == "clean"

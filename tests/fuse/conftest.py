@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -11,6 +12,8 @@ import pytest
 
 from tests.conftest import need_root_fuse
 from tests.helpers import vhdxfs
+from vhdxfs.mount.daemon import read_state, state_file
+from vhdxfs.mount.mounts import find_mount
 
 
 class Mount:
@@ -31,10 +34,36 @@ class Mount:
     def raw(self, name: str) -> Path:
         return self.mountpoint / name
 
+    def daemon_pid(self) -> int:
+        pid = read_state(self.mountpoint)
+        assert pid is not None, "no live daemon recorded for the mount"
+        return pid
+
     def umount(self) -> None:
         result = vhdxfs("umount", self.mountpoint)
         assert result.returncode == 0, result.stderr
         self.mounted = False
+
+
+def detach_loops_under(directory: Path) -> None:
+    """Loop devices whose backing file lies in ``directory`` (a test that failed before losetup -d)."""
+    out = subprocess.run(["losetup", "--json", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True)
+    devices = json.loads(out.stdout or "{}").get("loopdevices", [])
+    for dev in devices:
+        if (dev.get("back-file") or "").startswith(f"{directory}/"):
+            subprocess.run(["losetup", "-d", dev["name"]], check=False)
+
+
+def force_unmount(point: Path) -> None:
+    """Whatever state a test left: live, busy or dead (ENOTCONN, which os.path.ismount cannot see)."""
+    if find_mount(point) is None:
+        return
+    pid = read_state(point)
+    detach_loops_under(point)
+    subprocess.run(["fusermount3", "-uz", str(point)], check=False)
+    deadline = time.monotonic() + 30
+    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -46,6 +75,8 @@ def mnt(tmp_path):
     try:
         yield m
     finally:
-        if os.path.ismount(point):
-            subprocess.run(["fusermount3", "-uz", str(point)], check=False)
-            time.sleep(0.2)
+        force_unmount(point)
+        # A daemon without syslog logs beside its pid record and keeps the file after a crash; tests that
+        # crash one on purpose must not leave it in /run.
+        state_file(point).unlink(missing_ok=True)
+        state_file(point).with_suffix(".log").unlink(missing_ok=True)

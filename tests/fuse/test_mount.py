@@ -95,6 +95,36 @@ def test_ext4_on_a_loop_device_survives_the_round_trip(tmp_path, mnt):
     assert cat.stdout == "hello vhdx\n"
 
 
+def test_fstrim_in_ext4_on_a_loop_device_gives_the_space_back(tmp_path, mnt):
+    """The whole discard path: fstrim -> ext4 -> loop (fallocate PUNCH_HOLE) -> FUSE -> VirtualDisk.discard."""
+    need_tools("losetup", "mkfs.ext4", "fstrim", "qemu-img")
+    image = make_image(tmp_path / "trim.vhdx", 128 * MiB, block_size=1 * MiB)
+    mnt.mount(image)
+    loop = run("losetup", "--show", "-f", mnt.raw("trim.raw"))
+    assert loop.returncode == 0, loop.stderr
+    dev = loop.stdout.strip()
+    fsdir = tmp_path / "fs"
+    fsdir.mkdir()
+    try:
+        assert run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev).returncode == 0
+        assert run("mount", dev, fsdir).returncode == 0
+        try:
+            (fsdir / "big").write_bytes(os.urandom(64 * MiB))
+            assert run("sync", "-f", fsdir / "big").returncode == 0
+            full = image.stat().st_blocks * 512
+            (fsdir / "big").unlink()
+            assert run("sync", "-f", fsdir).returncode == 0  # the free blocks must be committed to be trimmed
+            trim = run("fstrim", "-v", fsdir)
+            assert trim.returncode == 0, trim.stderr
+        finally:
+            assert run("umount", fsdir).returncode == 0
+    finally:
+        run("losetup", "-d", dev)
+    mnt.umount()
+    assert image.stat().st_blocks * 512 <= full - 48 * MiB, (full, image.stat().st_blocks * 512)
+    qemu_check_clean(image)
+
+
 def test_read_only_mount_refuses_writes_and_changes_no_byte(tmp_path, mnt):
     image = make_image(tmp_path / "ro.vhdx", 16 * MiB)
     digest = sha256(image)

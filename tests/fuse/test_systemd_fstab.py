@@ -30,6 +30,56 @@ def test_the_template_unit_passes_systemd_analyze_verify(tmp_path):
     assert "notifyy" in run("systemd-analyze", "verify", tmp_path / "vhdxfs@vm1.service").stderr
 
 
+# Options that give a service its own mount namespace; with any of them the FUSE mount would be made inside
+# that namespace only, never seen on the host (systemd.exec(5): they "disconnect propagation of mounts from
+# the unit's processes to the host").
+MOUNT_NAMESPACE_OPTIONS = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
+                           "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+                           "ProtectControlGroups", "ProtectProc", "ProcSubset", "ReadOnlyPaths", "ReadWritePaths",
+                           "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths",
+                           "MountFlags", "RootDirectory", "RootImage", "PrivateUsers", "DynamicUser", "LogNamespace")
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (REPO / "systemd" / "vhdxfs@.service").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_unit_mounts_on_the_host_stops_cleanly_and_never_leaves_a_stale_mount():
+    settings = unit_settings()
+    assert not set(settings) & set(MOUNT_NAMESPACE_OPTIONS), set(settings) & set(MOUNT_NAMESPACE_OPTIONS)
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    assert "--foreground" in settings["ExecStart"][0]  # the main process is the one that notifies
+    assert settings["KillSignal"] == ["SIGTERM"]  # the daemon's clean unmount-and-close path
+    assert any("fusermount3 -uz ${MOUNTPOINT}" in v for v in settings["ExecStopPost"])
+    assert settings["DeviceAllow"] == ["/dev/fuse rw"]
+    assert "CAP_SYS_ADMIN" in settings["CapabilityBoundingSet"][0]
+    assert "AF_UNIX" in settings["RestrictAddressFamilies"][0]  # syslog and the notify socket
+
+
+def test_sd_notify_speaks_to_path_and_abstract_sockets(tmp_path, monkeypatch):
+    from vhdxfs.mount.notify import sd_notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False  # not under systemd: nothing to do, no error
+    for address in (str(tmp_path / "n.sock"), f"@vhdxfs-test-{os.getpid()}"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(address.replace("@", "\0", 1) if address.startswith("@") else address)
+        sock.settimeout(5)
+        try:
+            monkeypatch.setenv("NOTIFY_SOCKET", address)
+            assert sd_notify("READY=1\nSTATUS=x") is True
+            assert sock.recv(4096) == b"READY=1\nSTATUS=x"
+        finally:
+            sock.close()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert sd_notify("STOPPING=1") is False
+
+
 def test_ready_and_stopping_reach_the_notify_socket(tmp_path, mnt):
     need_tools("qemu-img")
     image = make_image(tmp_path / "svc.vhdx", 16 * MiB)
@@ -61,6 +111,8 @@ def test_the_fstab_helper_translates_mount_arguments():
         ["mount", "-o", "allow_other", "/srv/a.vhdx", "/mnt/a"]
     assert translate(["/a.vhdx:/b.vhdx", "/m", "-o", "ro", "-n"]) == ["mount", "-o", "ro", "/a.vhdx", "/b.vhdx", "/m"]
     assert translate(["/a.vhdx", "/m"]) == ["mount", "/a.vhdx", "/m"]
+    assert translate(["/a.vhdx", "/m", "-ouid=1000,gid=100,defaults,comment=x", "-v"]) == \
+        ["mount", "-o", "uid=1000,gid=100", "/a.vhdx", "/m"]
 
 
 def test_the_fstab_helper_mounts_like_mount_8_would(tmp_path, mnt):

@@ -1,17 +1,22 @@
 """The mount's lifecycle: open the images, mount, serve, and on any way out close everything cleanly.
 
 Ways out: SIGTERM/SIGINT/SIGHUP (we unmount), ``fusermount3 -u`` or ``vhdxfs umount`` (the kernel ends the
-session). Either way the images are flushed and closed (log applied, LogGuid cleared) before the process
-exits; ``vhdxfs umount`` waits for that exit. Mount-time failures happen before anything is mounted, or
+session), or the FUSE session failing. Every way ends the same: unmount if still mounted, then flush and
+close each image (log applied, LogGuid cleared), then remove the pid record, then exit; ``vhdxfs umount``
+waits for that exit. Signals are received for the daemon's whole life, so a second Ctrl-C or a signal
+during start-up can never cut a close short. Mount-time failures happen before anything is mounted, or
 unmount again, so no stale mount is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import signal
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +25,26 @@ import trio
 
 from ..engine.disk import VirtualDisk
 from ..errors import VhdxError
+from .mounts import normalize
 from .notify import sd_notify
 from .operations import RawFilesOperations
 
 log = logging.getLogger("vhdxfs.mount")
-STATE_DIR = Path(os.environ.get("VHDXFS_STATE_DIR", "/run/vhdxfs"))
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+# Called once: None when the mount is ready, or a one-line message saying why it could not be made.
+Ready = Callable[[str | None], None]
+
+
+def _default_state_dir() -> Path:
+    """/run/vhdxfs for root; a user's own runtime directory otherwise (they cannot write /run)."""
+    if os.geteuid() == 0:
+        return Path("/run/vhdxfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "vhdxfs" if runtime else Path(tempfile.gettempdir()) / f"vhdxfs-{os.geteuid()}"
+
+
+STATE_DIR = Path(os.environ["VHDXFS_STATE_DIR"]) if os.environ.get("VHDXFS_STATE_DIR") else _default_state_dir()
 
 
 @dataclass
@@ -41,13 +61,54 @@ class MountConfig:
 
 
 def state_file(mountpoint: str | os.PathLike) -> Path:
-    """Where the daemon serving ``mountpoint`` records its pid (for ``vhdxfs umount``)."""
-    key = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    """Where the daemon serving ``mountpoint`` records its pid (for ``vhdxfs umount``).
+
+    Format: pid, mount point, process start time (clock ticks since boot), one per line. The start time
+    tells a live daemon from an unrelated process that inherited a dead daemon's pid.
+    """
+    key = hashlib.sha1(normalize(mountpoint).encode()).hexdigest()[:16]
     return STATE_DIR / f"{key}.pid"
 
 
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat, or None when there is no such process or it has exited (a zombie
+    waiting for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _write_state(path: Path, mountpoint: str) -> None:
+    """Atomically, so `vhdxfs umount` never reads half a record."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n{mountpoint}\n{process_start_time(os.getpid())}\n")
+    tmp.replace(path)
+
+
+def read_state(mountpoint: str | os.PathLike) -> int | None:
+    """The pid of the live daemon serving ``mountpoint``, if its record is there and still true."""
+    try:
+        fields = state_file(mountpoint).read_text().split("\n")
+        pid, recorded_at, started = int(fields[0]), fields[1], fields[2]
+    except (OSError, ValueError, IndexError):
+        return None
+    now = process_start_time(pid)
+    if now is None or recorded_at != normalize(mountpoint) or str(now) != started:
+        return None
+    return pid
+
+
 def fuse_options(config: MountConfig) -> set[str]:
-    fsname = ",".join(config.images).replace(",", "_")  # shows in mount(8) and /proc/mounts
+    fsname = ":".join(config.images).replace(",", "_")  # shows in mount(8), df and /proc/mounts
     opts = {f"fsname={fsname}", "subtype=vhdxfs", "default_permissions", *config.fuse_options}
     if config.read_only:
         opts.add("ro")
@@ -62,8 +123,8 @@ async def open_disks(config: MountConfig) -> list[VirtualDisk]:
         for image in config.images:
             disks.append(await VirtualDisk.open(image, read_only=config.read_only, parent=config.parent))
     except BaseException:
-        for disk in disks:
-            await disk.close()
+        with trio.CancelScope(shield=True):
+            await close_disks(disks)
         raise
     return disks
 
@@ -73,62 +134,112 @@ async def close_disks(disks: list[VirtualDisk]) -> None:
         try:
             await disk.close()
             log.info("%s: closed cleanly", disk.path)
-        except VhdxError as exc:
+        except Exception as exc:  # one image failing to close must not keep the others from closing
             log.error("%s: could not close cleanly: %s", disk.path, exc)
 
 
-async def serve(config: MountConfig, ready) -> None:
+@contextlib.contextmanager
+def _capture_stderr() -> Iterator[list[str]]:
+    """Catch what libfuse prints on fd 2 while mounting ("fuse: unknown option(s): `-o foo'"), so a
+    daemon whose stderr is /dev/null can still tell the user why the mount failed, in one line. On
+    success the text is passed on to the real stderr; on failure it is only in the lines yielded."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        failed = True
+        try:
+            yield lines
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip().startswith("fuse:"))
+            if text and not failed:
+                os.write(2, text.encode())
+
+
+class _Stop:
+    """Shared between the signal watcher and the serving code."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.serving = False
+
+
+async def _watch_signals(signals, stop: _Stop) -> None:
+    """First signal: end the FUSE loop gracefully (pyfuse3.terminate lets requests in flight finish).
+    Later signals while closing are noted and ignored: the close must finish for the image to be clean."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if stop.signal is None:
+            stop.signal = name
+            log.info("%s: unmounting, then closing the images", name)
+            if stop.serving:
+                pyfuse3.terminate()
+        else:
+            log.warning("%s: already stopping; waiting for the images to close cleanly", name)
+
+
+async def serve(config: MountConfig, ready: Ready) -> None:
     """Open, mount, call ``ready(None)`` (or ``ready(message)`` on failure), serve until told to stop."""
+    stop = _Stop()
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, stop)
+            try:
+                await _serve(config, ready, stop)
+            finally:
+                nursery.cancel_scope.cancel()
+    # The images are closed; a late signal must not turn the clean exit into "killed by SIGINT".
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+async def _serve(config: MountConfig, ready: Ready, stop: _Stop) -> None:
     try:
         disks = await open_disks(config)
     except VhdxError as exc:
         ready(str(exc))
         return
+    if stop.signal:
+        await close_disks(disks)
+        ready(f"{stop.signal} while opening the images; not mounted")
+        return
     ops = RawFilesOperations(disks, read_only=config.read_only, uid=config.uid, gid=config.gid)
-    # Nothing may touch the mount point once it is mounted and before we serve: we would wait on ourselves.
-    pidfile = state_file(config.mountpoint)
-    real_mountpoint = os.path.realpath(config.mountpoint)
+    # Nothing may touch the mount point once it is mounted and before we serve (not even realpath's lstat):
+    # we would wait on ourselves, for ever. So every path is worked out now.
+    mountpoint = normalize(config.mountpoint)
+    pidfile = state_file(mountpoint)
     try:
-        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+        with _capture_stderr() as fuse_said:
+            pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except RuntimeError as exc:
         await close_disks(disks)
-        ready(f"{config.mountpoint}: cannot mount ({exc}); is it a directory you may mount on, not in use?")
+        ready(f"{config.mountpoint}: cannot mount: {'; '.join(fuse_said) or exc}")
         return
-    unmount = True
     try:
         try:
-            STATE_DIR.mkdir(parents=True, exist_ok=True)
-            pidfile.write_text(f"{os.getpid()}\n{real_mountpoint}\n")
+            _write_state(pidfile, mountpoint)
         except OSError as exc:
             log.warning("cannot record the daemon pid in %s: %s", pidfile, exc)
-        stop = _Stop()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals, stop)
-            log.info("mounted %s at %s", ", ".join(config.images), config.mountpoint)
-            ready(None)
-            sd_notify("READY=1\nSTATUS=serving " + ", ".join(config.images))
+        log.info("mounted %s at %s", ", ".join(config.images), config.mountpoint)
+        ready(None)
+        sd_notify("READY=1\nSTATUS=serving " + ", ".join(config.images))
+        stop.serving = True
+        if not stop.signal:
+            # Ends when a signal asked us to stop, the kernel ended the session (someone unmounted us),
+            # or the session failed.
             await pyfuse3.main()
-            # The loop ends when a signal asked us to stop (we unmount) or the kernel ended the session
-            # (someone unmounted us).
-            unmount = stop.requested
-            nursery.cancel_scope.cancel()
     finally:
+        stop.serving = False
         sd_notify("STOPPING=1")
         with trio.CancelScope(shield=True):
-            pyfuse3.close(unmount=unmount)
+            # Always ask: libfuse skips the unmount when the kernel already ended the session (the device
+            # fd reports POLLERR), so this never touches a later mount on the same directory, and a loop
+            # that ended for any other reason leaves no dead mount behind.
+            pyfuse3.close(unmount=True)
             await close_disks(disks)
         pidfile.unlink(missing_ok=True)
-
-
-class _Stop:
-    requested = False
-
-
-async def _stop_on_signals(stop: _Stop) -> None:
-    """SIGTERM, SIGINT, SIGHUP: end the FUSE loop gracefully (requests in flight finish first)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            stop.requested = True
-            pyfuse3.terminate()
-            return

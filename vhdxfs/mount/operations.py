@@ -7,6 +7,7 @@ Every VhdxError becomes the FUSEError of its errno, so the kernel gets EROFS, EN
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -42,8 +43,13 @@ class RawFile:
 
 def _fuse_errors(fn: Callable) -> Callable:
     """Turn VhdxError (and stray OSError) into FUSEError with the right errno, logging the cause; with
-    --debug, trace each request (file handle, offset, length)."""
+    --debug, trace each request (file handle, offset, length).
 
+    Anything else (a bug) answers EIO with the traceback in the log: pyfuse3 would otherwise let it end
+    the whole FUSE loop, and one failed request is kinder to a VM than its whole disk vanishing.
+    """
+
+    @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         if log.isEnabledFor(logging.DEBUG):
             shown = [a if not isinstance(a, bytes | memoryview) else f"<{len(a)} bytes>" for a in args[1:]]
@@ -58,8 +64,10 @@ def _fuse_errors(fn: Callable) -> Callable:
         except OSError as exc:
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s: unexpected error, answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
-    wrapper.__name__ = fn.__name__
     return wrapper
 
 
@@ -186,17 +194,24 @@ class RawFilesOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        f = self.files[fh]
-        f.unflushed = False
-        await f.disk.flush()
+        await self._flush(self.files[fh])
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
         """close(2): make what this file wrote durable, so a script may copy the image after closing."""
         f = self.files[fh]
         if f.unflushed:
-            f.unflushed = False
+            await self._flush(f)
+
+    @staticmethod
+    async def _flush(f: RawFile) -> None:
+        # Cleared before, not after: a write that lands while the flush runs sets it again.
+        f.unflushed = False
+        try:
             await f.disk.flush()
+        except BaseException:
+            f.unflushed = True
+            raise
 
     async def release(self, fh: int) -> None:
         return None

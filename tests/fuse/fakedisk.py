@@ -1,0 +1,74 @@
+"""An in-memory stand-in for VirtualDisk with the same interface, for testing Operations without a mount.
+
+It checks what the real engine checks (ranges, read-only) and records the calls the mount layer makes, so
+tests can see that a discard or a flush reached the disk, and can make any call fail on purpose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from vhdxfs.errors import OutOfRangeError, ReadOnlyError, VhdxError
+
+
+class FakeDisk:
+    def __init__(self, path: str, size: int, *, read_only: bool = False, block_size: int = 1 << 20) -> None:
+        self.path = Path(path)
+        self.size = size
+        self.read_only = read_only
+        self.logical_sector_size = 512
+        self.physical_sector_size = 4096
+        self.block_size = block_size
+        self.data = bytearray(size)
+        self.calls: list[tuple] = []
+        self.fail: dict[str, BaseException] = {}  # method name -> exception to raise once
+        self.closed = False
+
+    @classmethod
+    async def open(cls, path: str, *, read_only: bool = False, parent: str | None = None) -> FakeDisk:
+        return cls(path, 16 << 20, read_only=read_only)
+
+    def _enter(self, name: str, *args: object) -> None:
+        self.calls.append((name, *args))
+        if name in self.fail:
+            raise self.fail.pop(name)
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(f"{offset}+{length} beyond {self.size}", path=self.path)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("image is open read-only", path=self.path)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._enter("read", offset, length)
+        self._check(offset, length)
+        await trio.lowlevel.checkpoint()
+        return bytes(self.data[offset:offset + length])
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._enter("write", offset, len(data))
+        self._writable()
+        self._check(offset, len(data))
+        await trio.lowlevel.checkpoint()
+        self.data[offset:offset + len(data)] = data
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._enter("discard", offset, length)
+        self._writable()
+        self._check(offset, length)
+        await trio.lowlevel.checkpoint()
+        self.data[offset:offset + length] = bytes(length)
+
+    async def flush(self) -> None:
+        self._enter("flush")
+        await trio.lowlevel.checkpoint()
+
+    async def close(self) -> None:
+        self._enter("close")
+        if self.closed:
+            raise VhdxError("closed twice", path=self.path)
+        self.closed = True

@@ -20,11 +20,13 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 
-# pyfuse3 3.5.0 has no fallocate handler, so discard (fallocate PUNCH_HOLE) could not reach us: build it
-# from its sdist with packaging/patch_pyfuse3.py applied (README, "Stack").
-if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "FALLOCATE_SUPPORTED", False))' \
+# pyfuse3 3.5.0 has no fallocate handler, so discard (fallocate PUNCH_HOLE) could not reach us, and its
+# request loop costs a trip through epoll per request: build it from its sdist with
+# packaging/patch_pyfuse3.py applied (README, "Stack"); rebuilt whenever the patch level goes up.
+level="$(sed -n 's/^PATCH_LEVEL = //p' packaging/patch_pyfuse3.py)"
+if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(getattr(pyfuse3, 'VHDXFS_PATCH_LEVEL', 0) < $level)" \
     2>/dev/null; then
-  echo "setup: building pyfuse3 3.5.0 with fallocate support" >&2
+  echo "setup: building pyfuse3 3.5.0 with vhdxfs's patches (level $level)" >&2
   work="$(mktemp -d)"
   .venv/bin/pip download -q --no-deps --no-binary :all: pyfuse3==3.5.0 -d "$work"
   tar -xzf "$work"/pyfuse3-3.5.0.tar.gz -C "$work"

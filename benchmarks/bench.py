@@ -1,14 +1,25 @@
-"""benchmarks/run: fio against MOUNT/*.raw for vhdxfs, qemu-storage-daemon, vhdimount and a passthrough.
+"""benchmarks/run: fio against the raw file each contender serves, side by side, reported as ratios.
 
-Every contender gets its own copy of one fresh dynamic image made by qemu-img (the passthrough a sparse
-raw file of the same size). Jobs run with direct=1 (as a VM with cache=none), contenders interleaved
-A B C C B A so drift cancels; the table gives MiB/s (IOPS for 4k jobs) and ratios against qsd and the
-passthrough ceiling. Results are also written as JSON under benchmarks/results/.
+Contenders (each gets its own copy of one fresh dynamic image made by `qemu-img create -f vhdx`):
+  vhdxfs       `vhdxfs mount IMG MNT` -> MNT/<stem>.raw
+  qsd          qemu-storage-daemon: QEMU's C vhdx driver behind its FUSE export (over a regular file)
+  vhdimount    libvhdi's FUSE mount, read-only: read jobs only, on a copy QEMU filled with data
+  passthrough  benchmarks/passthrough.py: pyfuse3 + trio serving a sparse raw file of the same size with no
+               translation at all, through vhdxfs's own host I/O (the ceiling of this architecture)
+  passthrough-threads (only if named in --contenders) the same with plain trio.to_thread + os.pread/pwrite
+
+Jobs run with fio --direct=1 --ioengine=psync (as a VM with cache=none). Contenders are visited
+A B C D D C B A (per --rounds) so drift of the machine cancels out; every visit starts from a fresh copy.
+The table gives medians: MiB/s, and IOPS for 4k jobs, and the ratios vhdxfs/qsd and vhdxfs/passthrough.
+It also measures the vhdxfs daemon's peak RSS with a 64 TiB image open and the time to open that image
+(`vhdxfs info` next to `qemu-img info`). A contender that is missing or fails is reported as n/a with the
+reason; the others go on. Everything is written to benchmarks/results/<timestamp>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,256 +30,615 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VENV = REPO / ".venv" / "bin"
-GiB = 1 << 30
+PYTHON = VENV / "python" if (VENV / "python").exists() else Path(sys.executable)
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+CONTENDERS = ("vhdxfs", "qsd", "vhdimount", "passthrough")  # the default set, in visiting order
+OPTIONAL = ("passthrough-threads",)  # only when named in --contenders
+T0 = time.monotonic()
+
+
+class Unavailable(Exception):
+    """A contender (or a measurement) that cannot run here; the message is the reason shown as n/a."""
+
+
+class Interrupted(BaseException):
+    """A signal (SIGTERM, SIGHUP, SIGINT): unwinds through every clean-up."""
+
+
+def on_signal(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def reason(exc: Exception) -> str:
+    """What to print for a failure: our own messages as they are, anything else with its type."""
+    return str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {exc}"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_size(text: str) -> int:
-    return int(text[:-1]) << {"K": 10, "M": 20, "G": 30, "T": 40}[text[-1]] if text[-1].isalpha() else int(text)
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 1 << 10, "M": MiB, "G": GiB, "T": TiB}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
-def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
+def run(*args, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command; on failure raise Unavailable with the last lines it printed.
+
+    The command gets its own process group, and the whole group is killed if we are interrupted or it
+    times out: fio's job processes must not live on holding a mounted file open.
+    """
+    argv = [str(a) for a in args]
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    except FileNotFoundError:
+        raise Unavailable(f"{argv[0]} is not installed") from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise Unavailable(f"{Path(argv[0]).name} {argv[1]}: no answer in {timeout:.0f} s") from None
+        raise
+    if check and proc.returncode != 0:
+        said = " / ".join((err.strip() or out.strip() or "no output").splitlines()[-3:])
+        raise Unavailable(f"{Path(argv[0]).name} {argv[1]} failed ({proc.returncode}): {said}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def wait_for(predicate, what: str, timeout: float = 30) -> None:
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
+            raise Unavailable(f"timed out waiting for {what}")
         time.sleep(0.05)
 
 
-# -- contenders: each is a context manager yielding the raw file to benchmark ------------------------------
-@contextmanager
-def vhdxfs(image: Path, work: Path):
-    mnt = work / "mnt-vhdxfs"
+def vhdxfs_bin() -> Path:
+    """$VHDXFS if set, else the venv's console script, else one on PATH."""
+    if os.environ.get("VHDXFS"):
+        return Path(os.environ["VHDXFS"])
+    if (VENV / "vhdxfs").exists():
+        return VENV / "vhdxfs"
+    found = shutil.which("vhdxfs")
+    if not found:
+        raise Unavailable("no vhdxfs command (run ./setup.sh)")
+    return Path(found)
+
+
+# -- mounts and processes: everything we start is stopped again, whatever happens ------------------------
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below root, deepest first (from /proc/self/mountinfo; octal escapes decoded)."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point == str(root) or point.startswith(str(root) + "/"):
+            found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def force_unmount(point: str | Path) -> None:
+    """Lazy unmount: never blocks, even when the daemon behind it is stuck or gone."""
+    for cmd in (["fusermount3", "-u", "-z", str(point)], ["umount", "-l", str(point)]):
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+
+
+CHILDREN: list[subprocess.Popen] = []  # daemons we started in the foreground, stopped at the latest on exit
+
+
+def spawn(args: list, log_path: Path, **kw) -> subprocess.Popen:
+    with log_path.open("w") as out:
+        proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, **kw)
+    CHILDREN.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM (both FUSE daemons flush and unmount on it), SIGKILL if it does not end in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mounts_under(path)
+
+
+# -- contenders: context managers yielding the raw file to benchmark ------------------------------------
+@contextlib.contextmanager
+def vhdxfs(image: Path, mnt: Path) -> Iterator[Path]:
+    exe = vhdxfs_bin()
     mnt.mkdir(exist_ok=True)
-    sh(VENV / "vhdxfs", "mount", image, mnt)
+    run(exe, "mount", image, mnt, timeout=120)
     try:
-        yield mnt / (image.stem + ".raw")
+        raw = mnt / (image.stem + ".raw")
+        if not raw.exists():
+            raise Unavailable(f"vhdxfs mount gave no {raw.name}")
+        yield raw
     finally:
-        sh(VENV / "vhdxfs", "umount", mnt, check=False)
+        try:
+            run(exe, "umount", mnt, timeout=300)
+        except Unavailable as exc:
+            log(f"vhdxfs umount: {exc}; unmounting lazily")
+            force_unmount(mnt)
 
 
-def vhdxfs_pid(mnt: Path) -> int | None:
-    sys.path.insert(0, str(REPO))
-    from vhdxfs.mount.daemon import state_file
+def vhdxfs_pid(mnt: Path) -> int:
+    """The daemon serving mnt: from its state file (vhdxfs.mount.daemon), else by its command line."""
+    with contextlib.suppress(Exception):
+        sys.path.insert(0, str(REPO))
+        from vhdxfs.mount.daemon import state_file
 
-    try:
         return int(state_file(mnt).read_text().split()[0])
-    except OSError:
-        return None
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if proc.name.isdigit() and any(b"vhdxfs" in a for a in argv[:3]) and str(mnt).encode() in argv:
+                return int(proc.name)
+    raise Unavailable("cannot find the vhdxfs daemon's pid")
 
 
-@contextmanager
-def qsd(image: Path, work: Path):
-    target = work / "qsd.raw"
-    target.touch()
-    proc = subprocess.Popen(["qemu-storage-daemon",
-                             "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
-                             "--blockdev", "driver=vhdx,node-name=disk,file=file",
-                             "--export", f"type=fuse,id=exp,node-name=disk,mountpoint={target},writable=on"],
-                            stderr=subprocess.PIPE, text=True)
+def qsd_start(image: Path, work: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    """qemu-storage-daemon exporting image over FUSE on the regular file work/<name>.raw."""
+    target = work / f"{name}.raw"
+    target.touch()  # a FUSE export mounts over an existing regular file
     try:
-        wait_for(lambda: proc.poll() is not None or target.stat().st_size > 0, "qemu-storage-daemon")
+        proc = spawn(["qemu-storage-daemon",
+                      "--blockdev", f"driver=file,node-name=file,filename={image},cache.direct=off",
+                      "--blockdev", "driver=vhdx,node-name=disk,file=file",
+                      "--export", f"type=fuse,id=exp,node-name=disk,mountpoint={target},writable=on,allow-other=off"],
+                     work / f"{name}.log")
+    except FileNotFoundError:
+        raise Unavailable("qemu-storage-daemon is not installed") from None
+    try:
+        wait_for(lambda: proc.poll() is not None or is_mounted(target), "qemu-storage-daemon's export")
         if proc.poll() is not None:
-            raise RuntimeError(f"qemu-storage-daemon: {proc.stderr.read().strip()}")
+            said = (work / f"{name}.log").read_text().strip() or f"exit status {proc.returncode}"
+            raise Unavailable(f"qemu-storage-daemon: {said}")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, target
+
+
+@contextlib.contextmanager
+def qsd(image: Path, work: Path) -> Iterator[Path]:
+    proc, target = qsd_start(image, work, "qsd")
+    try:
         yield target
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop(proc)
+        if is_mounted(target):
+            force_unmount(target)
 
 
-@contextmanager
-def vhdimount(image: Path, work: Path):
+@contextlib.contextmanager
+def vhdimount(image: Path, work: Path) -> Iterator[Path]:
     mnt = work / "mnt-vhdi"
     mnt.mkdir(exist_ok=True)
-    sh("vhdimount", image, mnt)
+    run("vhdimount", image, mnt, timeout=60)  # daemonises once mounted
     try:
-        yield mnt / "vhdi1"
+        raw = mnt / "vhdi1"
+        if not raw.exists():
+            raise Unavailable("vhdimount gave no vhdi1")
+        yield raw
     finally:
-        sh("fusermount3", "-u", mnt, check=False)
+        if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode != 0:
+            force_unmount(mnt)
 
 
-@contextmanager
-def passthrough(raw: Path, work: Path):
-    mnt = work / "mnt-pt"
+@contextlib.contextmanager
+def passthrough(raw_file: Path, work: Path, io: str = "hostfile") -> Iterator[Path]:
+    mnt = work / f"mnt-pt-{io}"
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([VENV / "python", HERE / "passthrough.py", raw, mnt], env=dict(os.environ,
-                            PYTHONPATH=str(REPO)))
+    proc = spawn([PYTHON, HERE / "passthrough.py", "--io", io, raw_file, mnt], work / "passthrough.log",
+                 env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
-        wait_for(lambda: os.path.ismount(mnt) or proc.poll() is not None, "passthrough")
+        wait_for(lambda: proc.poll() is not None or is_mounted(mnt), "passthrough.py to mount")
+        if proc.poll() is not None:
+            said = (work / "passthrough.log").read_text().strip().splitlines()[-1:] or ["no output"]
+            raise Unavailable(f"passthrough.py exited {proc.returncode}: {said[0]}")
         yield mnt / "disk.raw"
     finally:
-        sh("fusermount3", "-u", mnt, check=False)
-        proc.wait(timeout=60)
+        stop(proc)  # it unmounts on SIGTERM
+        if is_mounted(mnt):
+            force_unmount(mnt)
 
 
 # -- jobs ------------------------------------------------------------------------------------------------
-def jobs(quick: bool) -> list[dict]:
-    span = "256M" if quick else "2G"
-    t = "4" if quick else "15"
+def jobs(quick: bool, image_size: int) -> list[dict]:
+    """The fio jobs, in the order one visit runs them. span: how much of the disk a job touches."""
+    span = min(256 * MiB if quick else 2 * GiB, image_size // 4 // MiB * MiB)
+    t = 4 if quick else 12  # seconds of each time-based random job (5 of them per visit dominate the run)
     return [
-        dict(name="seq write 1M, fresh space", rw="write", bs="1M", size=span, fresh=True, writes=True),
+        # Writes 1 MiB blocks into never-written space: vhdxfs and qsd allocate payload blocks and grow the
+        # file (the passthrough's host file system allocates too). Runs first, on the visit's fresh copy.
+        dict(name="seq write 1M, fresh", rw="write", bs="1M", size=span, writes=True),
+        # The same span again: every block is allocated now, pure data path.
         dict(name="seq write 1M, allocated", rw="write", bs="1M", size=span, writes=True),
         dict(name="seq read 1M", rw="read", bs="1M", size=span),
         dict(name="rand read 4k", rw="randread", bs="4k", size=span, runtime=t),
         dict(name="rand write 4k", rw="randwrite", bs="4k", size=span, runtime=t, writes=True),
-        dict(name="rand read 4k x4 jobs", rw="randread", bs="4k", size=span, runtime=t, numjobs=4),
-        dict(name="rand write 4k fsync/32, fresh", rw="randwrite", bs="4k", size=span, runtime=t, fsync=32,
-             fresh=True, writes=True, offset=span),
+        # Four threads at once: how well requests overlap (queue depth 4 through FUSE).
+        dict(name="rand read 4k, 4 jobs", rw="randread", bs="4k", size=span, runtime=t, numjobs=4),
+        # A journaling guest: an fsync every 32 writes, into fresh space (allocation + metadata flushes).
+        # Runs on a second fresh copy, in the span above the first one.
+        dict(name="rand write 4k fsync/32, fresh", rw="randwrite", bs="4k", size=span, offset=span,
+             runtime=t, fsync=32, writes=True, fresh=True),
     ]
 
 
-def fio(raw: Path, job: dict) -> float:
+def fio(raw: Path, job: dict) -> dict:
+    """Run one fio job against raw; returns MiB/s, IOPS and completion latency (us) of its one side."""
     args = ["fio", "--output-format=json", "--direct=1", "--ioengine=psync", f"--filename={raw}",
-            "--name=job", f"--rw={job['rw']}", f"--bs={job['bs']}", f"--size={job['size']}", "--group_reporting"]
+            "--name=job", f"--rw={job['rw']}", f"--bs={job['bs']}", f"--size={job['size']}",
+            f"--offset={job.get('offset', 0)}", "--group_reporting", "--randrepeat=0"]
     if "runtime" in job:
         args += [f"--runtime={job['runtime']}", "--time_based"]
     if "numjobs" in job:
         args += [f"--numjobs={job['numjobs']}"]
     if "fsync" in job:
         args += [f"--fsync={job['fsync']}"]
-    if "offset" in job:
-        args += [f"--offset={job['offset']}"]
-    out = json.loads(sh(*args).stdout)["jobs"][0]
-    side = out["write"] if "write" in job["rw"] else out["read"]
-    return side["iops"] if job["bs"] == "4k" else side["bw"] / 1024  # IOPS, or MiB/s
+    out = run(*args, timeout=900).stdout
+    data = json.loads(out[out.index("{"):])  # fio may print notes before the JSON
+    result = data["jobs"][0]
+    side = result["write"] if "write" in job["rw"] else result["read"]
+    if result.get("error"):
+        raise Unavailable(f"fio: error {result['error']} on {raw.name}")
+    pct = side["clat_ns"].get("percentile", {})
+    return {"mib_s": side["bw_bytes"] / MiB, "iops": side["iops"],
+            "clat_mean_us": side["clat_ns"]["mean"] / 1000,
+            "clat_p99_us": pct.get("99.000000", 0) / 1000}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="8G", help="virtual size of the test image (default 8G)")
-    ap.add_argument("--quick", action="store_true", help="small spans and short runs: a smoke test")
-    ap.add_argument("--rounds", type=int, default=1, help="A B C C B A passes (default 1: each contender twice)")
-    ap.add_argument("--workdir", default="/var/tmp", help="where the images go (default /var/tmp)")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="vhdxfs-bench-", dir=args.workdir))
-    base = work / "base.vhdx"
-    sh("qemu-img", "create", "-f", "vhdx", base, args.size)
-    size = json.loads(sh("qemu-img", "info", "--output=json", base).stdout)["virtual-size"]
+def headline(job: dict, sample: dict) -> float:
+    return sample["iops"] if job["bs"] == "4k" else sample["mib_s"]
 
-    def fresh_image(name: str) -> Path:
-        path = work / f"{name}.vhdx"
-        shutil.copyfile(base, path)
+
+# -- the run ---------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.base = work / "base.vhdx"
+        self.size = 0
+        self.results: dict[str, dict[str, list[dict]]] = {}
+        self.errors: dict[str, str] = {}
+        self.vhdi_image: Path | None = None
+        self.scratch: list[Path] = []  # image copies of the current visit, deleted after it
+
+    def prepare(self) -> None:
+        run("qemu-img", "create", "-q", "-f", "vhdx", self.base, self.args.size)
+        self.size = json.loads(run("qemu-img", "info", "--output=json", self.base).stdout)["virtual-size"]
+        self.jobs = jobs(self.args.quick, self.size)
+
+    def copy(self, name: str) -> Path:
+        """A fresh copy of the base image (a dynamic VHDX: a few MiB)."""
+        path = self.work / f"{name}.vhdx"
+        shutil.copyfile(self.base, path)
+        self.scratch.append(path)
         return path
 
-    def fresh_raw() -> Path:
-        path = work / "pt.img"
+    def sparse(self) -> Path:
+        path = self.work / "pt.img"
+        path.unlink(missing_ok=True)
         with open(path, "wb") as f:
-            f.truncate(size)
+            f.truncate(self.size)
+        self.scratch.append(path)
         return path
 
-    contenders = {
-        "vhdxfs": lambda: vhdxfs(fresh_image("disk"), work),
-        "qsd": lambda: qsd(fresh_image("qsd"), work),
-        "passthrough": lambda: passthrough(fresh_raw(), work),
-    }
-    results: dict[str, dict[str, list[float]]] = {}
-    order = list(contenders) + list(reversed(contenders))
-    errors: dict[str, str] = {}
-    try:
-        # vhdimount only reads: its copy is filled by QEMU, 256 MiB per request (qemu-io's limit is below 2G).
-        readonly_image = fresh_image("vhdi")
-        span = parse_size(jobs(args.quick)[0]["size"])
-        fill = [arg for off in range(0, span, 256 << 20) for arg in ("-c", f"write -P 0x5a {off} {256 << 20}")]
-        sh("qemu-io", "-f", "vhdx", *fill, readonly_image)
-        for _ in range(args.rounds):
-            for name in order:
-                try:
-                    run_contender(name, contenders[name], args.quick, results)
-                except Exception as exc:  # a contender that cannot run is reported, the others go on
-                    errors[name] = str(exc)
+    def mount(self, name: str):
+        """A fresh instance of a contender: a context manager over its raw file."""
+        if name == "vhdxfs":
+            return vhdxfs(self.copy("disk"), self.work / "mnt-vhdxfs")
+        if name == "qsd":
+            return qsd(self.copy("qsd"), self.work)
+        if name == "passthrough":
+            return passthrough(self.sparse(), self.work)
+        if name == "passthrough-threads":
+            return passthrough(self.sparse(), self.work, io="threads")
+        return vhdimount(self.filled_vhdi_image(), self.work)
+
+    def filled_vhdi_image(self) -> Path:
+        """vhdimount cannot write: its copy is filled once by QEMU (qemu-io, 256 MiB per request)."""
+        if self.vhdi_image is None:
+            image = self.work / "vhdi.vhdx"  # kept for every visit: vhdimount only reads it
+            shutil.copyfile(self.base, image)
+            span = self.jobs[0]["size"]
+            step = min(256 * MiB, span)
+            cmds = [a for off in range(0, span, step) for a in ("-c", f"write -q -P 0x5a {off} {step}")]
+            run("qemu-io", "-f", "vhdx", *cmds, image, timeout=900)
+            self.vhdi_image = image
+        return self.vhdi_image
+
+    def visit(self, name: str) -> None:
+        """One pass of every job over a fresh instance of the contender."""
+        todo = [j for j in self.jobs if not (name == "vhdimount" and j.get("writes"))]
+        try:
+            with self.mount(name) as raw:
+                for job in todo:
+                    if not job.get("fresh"):
+                        self.sample(name, job, raw)
+            for job in todo:
+                if job.get("fresh"):  # on a second fresh copy
+                    with self.mount(name) as raw:
+                        self.sample(name, job, raw)
+        finally:
+            for path in self.scratch:  # the visit's copies: gigabytes once written
+                path.unlink(missing_ok=True)
+            self.scratch.clear()
+            os.sync()  # the host's writeback of this visit must not land on the next contender's time
+
+    def sample(self, name: str, job: dict, raw: Path) -> None:
+        # Every daemon writes to the host through its page cache. Without a sync, a job would share the
+        # CPUs and the disk with the writeback of the job before it (4 GiB after the seq writes of a full
+        # run): the read that follows varied 2.5x between visits.
+        os.sync()
+        s = fio(raw, job)
+        self.results.setdefault(name, {}).setdefault(job["name"], []).append(s)
+        unit = "IOPS" if job["bs"] == "4k" else "MiB/s"
+        log(f"  {name:11} {job['name']:30} {headline(job, s):9.0f} {unit}")
+
+    def contend(self) -> None:
+        names = self.args.contenders
+        order = (names + names[::-1]) * self.args.rounds
+        for i, name in enumerate(order):
+            if name in self.errors:
+                continue  # failed once: n/a, do not retry on every visit
+            log(f"visit {i + 1}/{len(order)}: {name}")
             try:
-                with vhdimount(readonly_image, work) as raw:
-                    for job in jobs(args.quick):
-                        if not job.get("writes"):
-                            results.setdefault("vhdimount", {}).setdefault(job["name"], []).append(fio(raw, job))
+                self.visit(name)
+            except Exception as exc:  # a contender that cannot run is reported as n/a; the others go on
+                self.errors[name] = reason(exc)
+                log(f"  {name}: n/a ({self.errors[name]})")
+
+    # -- footprint: memory with a huge image open, and the time to open one ------------------------------
+    def footprint(self) -> dict:
+        big = self.work / "big.vhdx"
+        out: dict = {}
+        try:
+            run("qemu-img", "create", "-q", "-f", "vhdx", big, "64T")
+        except Unavailable as exc:
+            return {"error": str(exc)}
+        log("footprint: 64 TiB image")
+        for key, measure in (("vhdxfs_peak_rss_mib", self.vhdxfs_rss), ("qsd_peak_rss_mib", self.qsd_rss)):
+            try:
+                out[key] = measure(big)
             except Exception as exc:
-                errors["vhdimount"] = str(exc)
-        extra = footprint(work, args.quick)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report(results, errors, extra, args)
-    return 0
+                out[key] = None
+                out[key + "_error"] = reason(exc)
+        for key, program in (("vhdxfs_info", vhdxfs_bin), ("qemu_img_info", lambda: "qemu-img")):
+            try:
+                out[key + "_s"] = self.timing([program(), "info", big])
+            except Exception as exc:
+                out[key + "_s"] = None
+                out[key + "_error"] = reason(exc)
+        return out
 
+    @staticmethod
+    def touch_big(raw: Path) -> None:
+        """Read 64 KiB at every TiB of the disk, so the daemon has really served requests all over it."""
+        with open(raw, "rb", buffering=0) as f:
+            for off in range(0, 64 * TiB, TiB):
+                os.pread(f.fileno(), 65536, off)
 
-def run_contender(name: str, make, quick: bool, results: dict) -> None:
-    ctx = make()
-    with ctx as raw:
-        for job in jobs(quick):
-            if job.get("fresh") and job["rw"] != "write":
-                continue  # the fresh random-write job runs on its own copy below
-            results.setdefault(name, {}).setdefault(job["name"], []).append(fio(raw, job))
-    with make() as raw:
-        job = jobs(quick)[-1]
-        results[name].setdefault(job["name"], []).append(fio(raw, job))
+    def vhdxfs_rss(self, big: Path) -> float:
+        mnt = self.work / "mnt-big"
+        with vhdxfs(big, mnt) as raw:
+            self.touch_big(raw)
+            return peak_rss_mib(vhdxfs_pid(mnt))
 
+    def qsd_rss(self, big: Path) -> float:
+        proc, target = qsd_start(big, self.work, "qsd-big")
+        try:
+            self.touch_big(target)
+            return peak_rss_mib(proc.pid)
+        finally:
+            stop(proc)
+            if is_mounted(target):
+                force_unmount(target)
 
-def footprint(work: Path, quick: bool) -> dict:
-    """Peak RSS of the daemon with a 64 TiB image open, and open times of vhdxfs info vs qemu-img info."""
-    big = work / "big.vhdx"
-    sh("qemu-img", "create", "-f", "vhdx", big, "64T")
-    out: dict = {}
-    mnt = work / "mnt-big"
-    mnt.mkdir()
-    sh(VENV / "vhdxfs", "mount", big, mnt)
-    try:
-        pid = vhdxfs_pid(mnt)
-        with open(mnt / "big.raw", "rb") as f:
-            for off in range(0, 64 << 40, 1 << 40):
-                f.seek(off)
-                f.read(65536)
-        status = Path(f"/proc/{pid}/status").read_text()
-        out["peak_rss_mib"] = int(next(line.split()[1] for line in status.splitlines()
-                                       if line.startswith("VmHWM"))) / 1024
-    finally:
-        sh(VENV / "vhdxfs", "umount", mnt, check=False)
-    for name, cmd in (("vhdxfs info", [VENV / "vhdxfs", "info", big]), ("qemu-img info", ["qemu-img", "info", big])):
+    def timing(self, cmd: list) -> dict:
+        """Wall time of a short command: hyperfine if installed, else a median of N runs."""
+        cmd = [str(c) for c in cmd]
+        n = 5 if self.args.quick else 20
+        run(*cmd)  # fails loudly (n/a) if the command does not work at all; also warms the cache
+        if shutil.which("hyperfine"):
+            export = self.work / "hyperfine.json"
+            run("hyperfine", "-N", "--warmup", "2", "--runs", str(n), "--export-json", export,
+                " ".join(cmd))
+            r = json.loads(export.read_text())["results"][0]
+            return {"median": r["median"], "min": r["min"], "runs": n, "tool": "hyperfine"}
         times = []
-        for _ in range(3 if quick else 7):
+        for _ in range(n):
             t = time.perf_counter()
-            sh(*cmd)
+            run(*cmd)
             times.append(time.perf_counter() - t)
-        out[f"{name} s"] = statistics.median(times)
+        return {"median": statistics.median(times), "min": min(times), "runs": n, "tool": "loop"}
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise Unavailable(f"no VmHWM for pid {pid}")
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def machine(workdir: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError, StopIteration):
+        mem = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+                  .split()[1]) // (1 << 20)
+    fs = " on ".join(subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", workdir],
+                                    capture_output=True, text=True).stdout.split())
+    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "mem_gib": mem, "workdir_fs": fs}
+
+
+def versions() -> dict:
+    out = {}
+    for name, cmd in (("fio", ["fio", "--version"]), ("qemu", ["qemu-img", "--version"]),
+                      ("vhdimount", ["vhdimount", "-V"])):
+        with contextlib.suppress(OSError):
+            text = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+            out[name] = text.splitlines()[0] if text else ""
+    with contextlib.suppress(OSError):
+        out["vhdxfs_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                              capture_output=True, text=True).stdout.strip()
     return out
 
 
-def report(results: dict, errors: dict, extra: dict, args) -> None:
-    names = [j["name"] for j in jobs(args.quick)]
-    cols = [c for c in ("vhdxfs", "qsd", "vhdimount", "passthrough") if c in results]
-    med = {c: {j: statistics.median(v) for j, v in results[c].items()} for c in cols}
-    lines = ["| job | unit | " + " | ".join(cols) + " | vhdxfs/qsd | vhdxfs/ceiling |",
-             "|---|---|" + "---|" * len(cols) + "---|---|"]
-    for job in names:
-        unit = "IOPS" if "4k" in job else "MiB/s"
-        cells = [f"{med[c][job]:.0f}" if job in med[c] else "n/a" for c in cols]
-        v, q, p = (med.get(c, {}).get(job) for c in ("vhdxfs", "qsd", "passthrough"))
-        r1 = f"{v / q:.2f}x" if v and q else "n/a"
-        r2 = f"{v / p:.2f}x" if v and p else "n/a"
-        lines.append(f"| {job} | {unit} | " + " | ".join(cells) + f" | {r1} | {r2} |")
-    machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Linux {platform.release()}"
-    text = "\n".join(lines)
-    text += (f"\n\nImage {args.size}, {'quick' if args.quick else 'full'} run, {args.rounds} round(s); {machine}.\n"
-             f"vhdxfs daemon peak RSS with a 64 TiB image open: {extra.get('peak_rss_mib', 0):.1f} MiB; "
-             f"open time of a 64 TiB image: vhdxfs info {extra.get('vhdxfs info s', 0):.3f} s, "
-             f"qemu-img info {extra.get('qemu-img info s', 0):.3f} s.\n")
-    for name, err in errors.items():
+def table(bench: Bench) -> str:
+    names = bench.args.contenders
+    med = {c: {j: statistics.median(headline(job, s) for s in bench.results.get(c, {}).get(j, [])) for job in
+               bench.jobs if (j := job["name"]) in bench.results.get(c, {})} for c in names}
+    refs = [r for r in ("qsd", "passthrough") if r in names and "vhdxfs" in names]  # the ratio columns
+    lines = ["| job | unit | " + " | ".join(names + [f"vhdxfs/{r}" for r in refs]) + " |",
+             "|---|---|" + "---:|" * (len(names) + len(refs))]
+    for job in bench.jobs:
+        j = job["name"]
+        four_k = job["bs"] == "4k"
+        cells = []
+        for c in names:
+            if c == "vhdimount" and job.get("writes"):
+                cells.append("—")  # read-only mount
+            elif j in med[c]:
+                cells.append(f"{med[c][j]:.0f} ({med[c][j] * 4 / 1024:.1f})" if four_k else f"{med[c][j]:.0f}")
+            else:
+                cells.append("n/a")
+        v = med.get("vhdxfs", {}).get(j)
+        for r in refs:
+            d = med[r].get(j)
+            cells.append(f"{v / d:.2f}x" if v and d else "n/a")
+        unit = "IOPS (MiB/s)" if four_k else "MiB/s"
+        lines.append(f"| {j} | {unit} | " + " | ".join(cells) + " |")
+    noisy = []  # cells whose visits disagree by more than 25%: read them with care
+    for job in bench.jobs:
+        for c in names:
+            values = [headline(job, s) for s in bench.results.get(c, {}).get(job["name"], [])]
+            if len(values) > 1 and min(values) > 0 and max(values) / min(values) > 1.25:
+                noisy.append(f"{job['name']} / {c}: {min(values):.0f}–{max(values):.0f}")
+    if noisy:
+        lines += ["", "Visits differing by more than 25% (min–max): " + "; ".join(noisy) + "."]
+    return "\n".join(lines)
+
+
+def fmt(value, spec: str, unit: str) -> str:
+    return "n/a" if value is None else f"{value:{spec}} {unit}"
+
+
+def report(bench: Bench, extra: dict, elapsed: float) -> str:
+    args, m = bench.args, machine(bench.args.workdir)
+    samples = args.rounds * 2
+    text = table(bench)
+    text += (f"\n\nMedians of {samples} visits per contender. Image {args.size} "
+             f"({'quick' if args.quick else 'full'} run: {bench.jobs[0]['size'] // MiB} MiB spans, "
+             f"{bench.jobs[3]['runtime']} s random jobs), fio direct=1 psync; run took {elapsed / 60:.1f} min.\n"
+             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB RAM, Linux {m['kernel']}, "
+             f"images on {m['workdir_fs'] or '?'}.\n")
+    if not extra:
+        pass  # --no-footprint
+    elif "error" in extra:
+        text += f"\n64 TiB image: n/a ({extra['error']})\n"
+    else:
+        def t(key):
+            v = extra.get(key + "_s")
+            return "n/a" if v is None else f"{v['median'] * 1000:.0f} ms"
+        text += (f"\nWith a 64 TiB image open (64 KiB read at every TiB): peak RSS of the vhdxfs daemon "
+                 f"{fmt(extra.get('vhdxfs_peak_rss_mib'), '.1f', 'MiB')}, of qemu-storage-daemon "
+                 f"{fmt(extra.get('qsd_peak_rss_mib'), '.1f', 'MiB')}.\n"
+                 f"Time to open it (median): `vhdxfs info` {t('vhdxfs_info')}, `qemu-img info` {t('qemu_img_info')}.\n")
+        for key in ("vhdxfs_peak_rss_mib_error", "qsd_peak_rss_mib_error", "vhdxfs_info_error",
+                    "qemu_img_info_error"):
+            if key in extra:
+                text += f"- {key.removesuffix('_error')}: n/a ({extra[key]})\n"
+    for name, err in bench.errors.items():
         text += f"\n{name}: n/a ({err})"
+    return text.rstrip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="8G", help="virtual size of the test image (default 8G)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 256 MiB spans and 4 s random jobs (about 2 minutes)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="A B C D D C B A passes (default 1: each contender visited twice)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"comma-separated, from {','.join(CONTENDERS + OPTIONAL)} (default: "
+                         f"{','.join(CONTENDERS)})")
+    ap.add_argument("--no-footprint", action="store_true", help="skip the 64 TiB RSS and open-time figures")
+    ap.add_argument("--workdir", default="/var/tmp", help="where the images go (default /var/tmp)")
+    ap.add_argument("--results", default=str(HERE / "results"), help="where the JSON and Markdown go")
+    args = ap.parse_args()
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    if bad := set(args.contenders) - set(CONTENDERS + OPTIONAL):
+        ap.error(f"unknown contender(s): {', '.join(sorted(bad))}")
+    parse_size(args.size)  # reject nonsense before any work
+
+    # SIGTERM (and SIGHUP, SIGINT unless started with them ignored, as by nohup or a shell's `&`) unwinds
+    # through every clean-up like Ctrl-C does.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, on_signal)
+    work = Path(tempfile.mkdtemp(prefix="vhdxfs-bench-", dir=args.workdir))
+    bench = Bench(args, work)
+    extra: dict = {}
+    try:
+        bench.prepare()
+        log(f"image {args.size}, spans {bench.jobs[0]['size'] // MiB} MiB, work dir {work}")
+        bench.contend()
+        if not args.no_footprint:
+            extra = bench.footprint()
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"interrupted ({exc}); cleaning up, no report")
+        return 130
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        for proc in CHILDREN:
+            stop(proc, timeout=30)
+        # Anything still mounted below the work dir (a contender that could not unmount) goes lazily,
+        # so nothing stale stays behind and rmtree never walks into a FUSE mount.
+        for point in mounts_under(work):
+            log(f"stale mount {point}: unmounting")
+            force_unmount(point)
+        shutil.rmtree(work, ignore_errors=True)
+    text = report(bench, extra, time.monotonic() - T0)
     print(text)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"{stamp}.json").write_text(json.dumps({"results": results, "errors": errors, "extra": extra,
-                                                   "machine": machine, "size": args.size, "quick": args.quick},
-                                                  indent=2))
+    record = {"when": stamp, "args": {k: v for k, v in vars(args).items()}, "image_bytes": bench.size,
+              "machine": machine(args.workdir), "versions": versions(), "jobs": bench.jobs, "results": bench.results,
+              "errors": bench.errors, "footprint": extra, "elapsed_s": time.monotonic() - T0}
+    (out / f"{stamp}.json").write_text(json.dumps(record, indent=2))
     (out / f"{stamp}.md").write_text(text)
+    log(f"saved {out / stamp}.json and .md")
+    return 0
 
 
 if __name__ == "__main__":

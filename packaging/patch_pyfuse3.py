@@ -1,16 +1,26 @@
-"""Add a fallocate handler to pyfuse3 3.5.0's sources (it has none), so discard reaches vhdxfs.
+"""Patch pyfuse3 3.5.0's sources for vhdxfs: a fallocate handler, and a request loop with less overhead.
 
 Usage: python packaging/patch_pyfuse3.py SRC_DIR   (an unpacked pyfuse3-3.5.0 sdist)
 
-The handler calls ``operations.fallocate(fh, mode, offset, length)`` and answers ENOSYS when the
-Operations object has no such method; ``pyfuse3.FALLOCATE_SUPPORTED`` tells a patched build apart.
-Every insertion checks its anchor, so a different pyfuse3 version fails loudly instead of silently.
+1. fallocate: pyfuse3 has no handler, so discard could not reach vhdxfs. The handler calls
+   ``operations.fallocate(fh, mode, offset, length)`` and answers ENOSYS when the Operations object has
+   no such method; ``pyfuse3.FALLOCATE_SUPPORTED`` tells a patched build apart.
+2. session loop: pyfuse3 waits for the FUSE fd to become readable (a trip through trio's epoll) before
+   every request, and passes the waiting from task to task through a lock on every request. The patched
+   loop reads first (main() makes the fd non-blocking) and waits only when no request is queued; it runs
+   each handler in the task that read its request, and starts another reading task only when a handler
+   really has to wait (a disk read in a worker thread, a flush). README "Performance" has the figures.
+
+``pyfuse3.VHDXFS_PATCH_LEVEL`` tells setup.sh whether an installed build has every patch.
+Every change checks its anchor, so a different pyfuse3 version fails loudly instead of silently.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+PATCH_LEVEL = 2
 
 HANDLER = '''
 
@@ -40,24 +50,121 @@ async def fuse_fallocate_async (_Container c):
         log.error('fuse_fallocate(): fuse_reply_* failed with %s', strerror(-ret))
 '''
 
+# _session_loop's body, from its loop to its last log line, is replaced by NEW_LOOP.
+OLD_LOOP = """    while not fuse_session_exited(session):
+        if worker_data.active_readers > min_tasks:
+"""
+OLD_LOOP_END = """    log.debug('%s: terminated', name)
+"""
+NEW_LOOP = """    on_wait = functools.partial(_start_reader, nursery, min_tasks, max_tasks)
+    while not fuse_session_exited(session):
+        # vhdxfs: read first; a request already queued needs no trip through epoll. The fd is
+        # non-blocking: an empty queue answers EAGAIN, and then one task (only one) waits.
+        res = fuse_session_receive_buf(session, &buf)
+        if res == -errno.EAGAIN:
+            if worker_data.active_readers:
+                break  # another task waits for the fd already
+            if not await _wait_fuse_readable():
+                break
+            continue
+        if res == -errno.EINTR:
+            continue
+        elif res < 0:
+            raise OSError(-res, 'fuse_session_receive_buf failed with '
+                          + strerror(-res))
+        elif res == 0:
+            break
+
+        # The handler runs in this task; on_wait() starts another reading task if it has to wait.
+        save_retval(None)
+        fuse_session_process_buf(session, &buf)
+        if py_retval is not None:
+            await _pyfuse3.await_noting_wait(py_retval, on_wait)
+
+"""
+START_READER = """
+
+def _start_reader(nursery, int min_tasks, int max_tasks):
+    '''vhdxfs: a handler has to wait; make sure a task goes on reading requests meanwhile.'''
+    if not worker_data.active_readers and worker_data.task_count < max_tasks:
+        worker_data.task_count += 1
+        nursery.start_soon(_session_loop, nursery, min_tasks, max_tasks, name=worker_data.get_name())
+"""
+AWAIT_NOTING_WAIT = '''
+
+@types.coroutine
+def await_noting_wait(coro, on_wait):
+    """vhdxfs: ``await coro`` in the calling task, calling ``on_wait()`` once if coro has to wait."""
+    try:
+        message = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    on_wait()
+    while True:
+        try:
+            value = yield message
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                message = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                message = coro.send(value)
+            except StopIteration as done:
+                return done.value
+'''
+
+
+def fail(path: Path, anchor: str) -> None:
+    sys.exit(f"patch_pyfuse3: {path}: anchor {anchor!r} not found; is this pyfuse3 3.5.0?")
+
 
 def insert_after(path: Path, anchor: str, text: str) -> None:
     source = path.read_text()
-    if "fuse_fallocate" in source or "FALLOCATE_SUPPORTED" in source:
+    if text in source:
         return  # already patched
     if anchor not in source:
-        sys.exit(f"patch_pyfuse3: {path}: anchor {anchor!r} not found; is this pyfuse3 3.5.0?")
+        fail(path, anchor)
     path.write_text(source.replace(anchor, anchor + text, 1))
 
 
-def main(src: str) -> None:
-    pkg = Path(src) / "src" / "pyfuse3"
+def patch_fallocate(pkg: Path) -> None:
     handlers = pkg / "handlers.pxi"
     if "fuse_fallocate" not in handlers.read_text():
         handlers.write_text(handlers.read_text() + HANDLER)
     insert_after(pkg / "internal.pxi", "    fuse_ops.fsync = fuse_fsync\n", "    fuse_ops.fallocate = fuse_fallocate\n")
     insert_after(pkg / "__init__.pyx", "default_options = frozenset(('default_permissions',))\n",
-                 "FALLOCATE_SUPPORTED = True  # patched by vhdxfs: fallocate requests reach Operations\n")
+                 "FALLOCATE_SUPPORTED = True  # patched by vhdxfs: fallocate requests reach Operations\n"
+                 f"VHDXFS_PATCH_LEVEL = {PATCH_LEVEL}  # patched by vhdxfs: see packaging/patch_pyfuse3.py\n")
+
+
+def patch_session_loop(pkg: Path) -> None:
+    internal = pkg / "internal.pxi"
+    source = internal.read_text()
+    if "await_noting_wait" not in source:
+        start, end = source.find(OLD_LOOP), source.find(OLD_LOOP_END)
+        if start < 0 or end < start:
+            fail(internal, OLD_LOOP if start < 0 else OLD_LOOP_END)
+        source = source[:start] + NEW_LOOP + source[end:]
+        anchor = "    worker_data.task_count -= 1\n"
+        if anchor not in source:
+            fail(internal, anchor)
+        internal.write_text(source.replace(anchor, anchor + START_READER, 1))
+    insert_after(pkg / "__init__.pyx", "import os\n", "import functools\n")
+    insert_after(pkg / "__init__.pyx", "    trio_token = trio.lowlevel.current_trio_token()\n",
+                 "    os.set_blocking(session_fd, False)  # vhdxfs: the loop reads first, waits on EAGAIN\n")
+    insert_after(pkg / "_pyfuse3.py", "import logging\n", "import types\n")
+    insert_after(pkg / "_pyfuse3.py", "__all__ = ['Operations', 'async_wrapper']\n", AWAIT_NOTING_WAIT)
+
+
+def main(src: str) -> None:
+    pkg = Path(src) / "src" / "pyfuse3"
+    patch_fallocate(pkg)
+    patch_session_loop(pkg)
     # The C file shipped in the sdist is stale now; the build regenerates it with Cython.
     (pkg / "__init__.c").unlink(missing_ok=True)
 

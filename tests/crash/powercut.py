@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from vhdxfs.engine.hostfile import HostFile
+from vhdxfs.engine.writeback import WriteBack
 
 SECTOR = 512
 
@@ -90,6 +91,7 @@ class PowerCutHost(HostFile):
         self.fd = -1
         self.punch_supported = True
         self.disk = disk
+        self.writeback = WriteBack(self.pwrite) if writable else None  # queued writes reach pwrite below
 
     def size(self) -> int:
         return len(self.disk.volatile)
@@ -125,4 +127,5 @@ class PowerCutHost(HostFile):
             self.truncate(offset + length)
 
     def close(self) -> None:
-        pass
+        if self.writeback is not None:
+            self.writeback.close()

@@ -170,6 +170,14 @@ class VirtualDisk:
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """The bytes of [offset, offset+length) (a bytes-like object)."""
         self._check(offset, length)
+        block, within = divmod(offset, self.block_size)
+        if within + length <= self.block_size and self.image.overlay is None:
+            # Most requests: inside one block, which is simply present. One BAT lookup, one host read.
+            state, file_offset = self.bat.payload(block)
+            if state == _PRESENT:
+                buf = bytearray(length)
+                await self.host.apread_into(file_offset + within, memoryview(buf))
+                return buf
         runs = await self.translate(offset, length)
         if len(runs) == 1 and runs[0][2] == ZERO:
             return bytes(length)
@@ -326,20 +334,24 @@ class VirtualDisk:
         if self.read_only:
             return
         async with self._commit_lock:
-            await self.host.afdatasync()
-            if not self.bat.dirty and not (self.bitmaps and self.bitmaps.dirty):
-                return
-            if self.writer.log_guid is None:
-                guid = guids.new_guid()
-                await trio.to_thread.run_sync(functools.partial(self.image.update_header, log_guid=guid))
-                self.writer.log_guid = guid
+            # Pages first, data second: a page taken now describes only writes already queued, and the
+            # fdatasync below makes all of those durable before the log can refer to them. A write that
+            # marks its sectors later waits for the next flush.
             bat_dirty = set(self.bat.dirty)
             bitmap_dirty = set(self.bitmaps.dirty) if self.bitmaps is not None else set()
             pages = self.bat.take_dirty_pages()
             if self.bitmaps is not None:
                 pages.update(self.bitmaps.take_dirty_pages())
+            file_end = self.allocator.file_end
             try:
-                await trio.to_thread.run_sync(self.writer.commit, pages, self.allocator.file_end)
+                await self.host.afdatasync()
+                if not pages:
+                    return
+                if self.writer.log_guid is None:
+                    guid = guids.new_guid()
+                    await trio.to_thread.run_sync(functools.partial(self.image.update_header, log_guid=guid))
+                    self.writer.log_guid = guid
+                await trio.to_thread.run_sync(self.writer.commit, pages, file_end)
             except BaseException:
                 # Not durable (e.g. ENOSPC): the pages stay dirty so the next flush tries again.
                 self.bat.dirty |= bat_dirty

@@ -1,7 +1,9 @@
 """The one place that touches the OS file: pread, pwrite, fdatasync, truncate, punch hole, locks.
 
 Every method is synchronous; the ``a*`` twins run it in a worker thread so the trio loop never waits on
-the disk. Tests subclass HostFile to inject faults (lost writes, torn writes, ENOSPC, EIO) at this seam.
+the disk, except ``apwrite``, which queues the write (writeback.py: acknowledged once queued, durable at
+the next ``afdatasync``, like a disk's volatile cache). Tests subclass HostFile to inject faults (lost
+writes, torn writes, ENOSPC, EIO) at this seam: the queue applies writes through ``pwrite``.
 
 Locks are Linux open-file-description (OFD) record locks on the whole file: per open file, not per
 process, and on NFS (via NLM) and CIFS they become byte-range locks the server enforces, unlike flock.
@@ -24,6 +26,7 @@ import outcome
 import trio
 
 from ..errors import HostIOError, ImageLockedError
+from .writeback import WriteBack
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -74,6 +77,8 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 class HostFile:
     """An image file on the host, opened read-only or read-write, with the matching lock held."""
 
+    _inline_reads = False  # page-cache reads on the trio thread (set by __init__ when they are possible)
+
     def __init__(self, path: str | os.PathLike, *, writable: bool, lock: bool = True) -> None:
         self.path = Path(path)
         self.writable = writable
@@ -83,6 +88,8 @@ class HostFile:
         except OSError as exc:
             raise HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno) from None
         self.punch_supported = True
+        self._inline_reads = bool(_NOWAIT) and type(self).pread_into is HostFile.pread_into
+        self.writeback = WriteBack(self.pwrite) if writable else None
         if lock:
             try:
                 self._lock(exclusive=writable)
@@ -185,6 +192,9 @@ class HostFile:
                 self.truncate(offset + length)
 
     def close(self) -> None:
+        """Close the file once the queued writes are in it (not durable: flush first for that)."""
+        if self.writeback is not None:
+            self.writeback.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -195,7 +205,7 @@ class HostFile:
 
         Subclasses that replace ``pread_into`` (fault injection) are never short-cut.
         """
-        if not _NOWAIT or self.fd < 0 or type(self).pread_into is not HostFile.pread_into:
+        if not self._inline_reads or self.fd < 0:
             return False
         try:
             return os.preadv(self.fd, [view], offset, _NOWAIT) == len(view)
@@ -203,7 +213,10 @@ class HostFile:
             return False  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here; the worker path decides
 
     async def apread_into(self, offset: int, view: memoryview) -> None:
-        """Read into ``view``: inline when the page cache has it, else in a worker thread."""
+        """Read into ``view`` (after the queued writes to it): inline when the page cache has it, else in a
+        worker thread."""
+        if self.writeback is not None and self.writeback.busy:
+            await self.writeback.settle(offset, len(view))
         if not self._read_cached(offset, view):
             await IO_POOL.run(self.pread_into, offset, view)
 
@@ -213,16 +226,31 @@ class HostFile:
         return buf
 
     async def apwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        await IO_POOL.run(self.pwrite, offset, data)
+        """Queue a write (see writeback.py); an earlier queued write that failed raises here."""
+        if self.writeback is None:
+            raise HostIOError("file is open read-only", path=self.path, errno=errno.EBADF)
+        await self.writeback.write(offset, data)
 
     async def afdatasync(self) -> None:
-        await IO_POOL.run(self.fdatasync)
+        """Make every write so far durable; raises the error of a queued write that failed since the last."""
+        if self.writeback is None:
+            await IO_POOL.run(self.fdatasync)
+            return
+        await self.writeback.call(self.fdatasync)
+        if (error := self.writeback.take_error()) is not None:
+            raise error
+
+    async def _in_order(self, fn, *args):
+        """Changes other than writes run after the queued writes, in the writer thread (writeback.py)."""
+        if self.writeback is None:
+            return await IO_POOL.run(fn, *args)
+        return await self.writeback.call(fn, *args)
 
     async def atruncate(self, size: int) -> None:
-        await IO_POOL.run(self.truncate, size)
+        await self._in_order(self.truncate, size)
 
     async def apunch_hole(self, offset: int, length: int) -> bool:
-        return await IO_POOL.run(self.punch_hole, offset, length)
+        return await self._in_order(self.punch_hole, offset, length)
 
     async def awrite_zeros(self, offset: int, length: int) -> None:
-        await IO_POOL.run(self.write_zeros, offset, length)
+        await self._in_order(self.write_zeros, offset, length)

@@ -1,8 +1,9 @@
 """VirtualDisk: the virtual disk of one VHDX file (and its parents), read and written at byte offsets.
 
 Translation of a request into runs happens on the trio thread without waiting; payload bytes then move
-in worker threads with no lock held. A lock serialises allocation (BAT changes) and another serialises
-commits, which journal the dirty BAT pages in one log entry per flush (group commit).
+through HostFile (page-cache reads inline, writes queued for its writer thread) with no lock held. A lock
+serialises allocation (BAT changes) and another serialises commits, which journal the dirty BAT pages in
+one log entry per flush (group commit).
 """
 
 from __future__ import annotations

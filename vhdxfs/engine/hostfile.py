@@ -247,7 +247,12 @@ class HostFile:
         return await self.writeback.call(fn, *args)
 
     async def atruncate(self, size: int) -> None:
-        await self._in_order(self.truncate, size)
+        if self.writeback is not None and size >= self.size():
+            # Growing cannot undo a queued write (none reaches past the size the file had when it was
+            # queued), so a new block's space need not wait for the queue to drain.
+            await IO_POOL.run(self.truncate, size)
+        else:
+            await self._in_order(self.truncate, size)
 
     async def apunch_hole(self, offset: int, length: int) -> bool:
         return await self._in_order(self.punch_hole, offset, length)

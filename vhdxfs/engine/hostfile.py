@@ -236,9 +236,7 @@ class HostFile:
         if self.writeback is None:
             await IO_POOL.run(self.fdatasync)
             return
-        await self.writeback.call(self.fdatasync)
-        if (error := self.writeback.take_error()) is not None:
-            raise error
+        await self.writeback.call(self.fdatasync, report_errors=True)
 
     async def _in_order(self, fn, *args):
         """Changes other than writes run after the queued writes, in the writer thread (writeback.py)."""

@@ -13,8 +13,9 @@ The queue is a disk's volatile write cache with these rules:
   and run by the same thread in the same order: a flush covers every write queued before it, a punched
   hole is never overwritten by an older write, and each costs one hand-off, not a wait and a hand-off;
 - a read waits for the queued writes to the range it reads (a reader sees what was written);
-- a failed write (EIO, ENOSPC) is kept: every later write raises it, and the next flush raises it and
-  clears it, so the guest learns of the loss at the latest when it asks for durability;
+- a failed write (EIO, ENOSPC) is kept: every later write raises it, and the first flush queued after it
+  raises it and clears it, so the guest learns of the loss at the latest when it asks for durability (a
+  write failing after a flush was queued is kept for the next flush);
 - at most ``limit`` bytes wait; a write beyond that waits for room.
 
 Writes hold the caller's buffer until applied, so a mutable buffer is copied when queued; ``bytes`` (what
@@ -54,7 +55,14 @@ class WriteBack:
         self._waiters: list[tuple[int, trio.Event]] = []
         self._wake_at: float = math.inf  # the smallest sequence number a waiter waits for
         self._wake_scheduled = False
-        self.error: BaseException | None = None  # the first failed write not yet reported by a flush
+        self._errors: list[BaseException] = []  # failed writes not yet reported by a flush, oldest first
+        self._errors_lock = threading.Lock()  # the writer thread appends, a flush takes
+
+    @property
+    def error(self) -> BaseException | None:
+        """The oldest failed write not yet reported by a flush."""
+        errors = self._errors
+        return errors[0] if errors else None
 
     @property
     def busy(self) -> bool:
@@ -84,18 +92,23 @@ class WriteBack:
             self._last_write_to = {g: s for g, s in self._last_write_to.items() if s > self._done}
         self._queue.put((seq, offset, view))
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, fn: Callable[..., Any], *args: Any, report_errors: bool = False) -> Any:
         """Run ``fn(*args)`` in the writer thread once every write queued so far is applied; its result.
 
-        A cancelled caller stops waiting, but the call still runs in its turn.
+        With ``report_errors`` (a flush), the oldest failed write among those is raised after ``fn`` ran,
+        and every failure up to then counts as reported. A cancelled caller stops waiting, but the call
+        still runs in its turn.
         """
         self._enqueue_started()
         self._issued += 1
         seq = self._issued
-        box: list[outcome.Outcome] = []
-        self._queue.put((seq, fn, args, box))
+        box: list = []
+        self._queue.put((seq, fn, args, box, report_errors))
         await self._wait_for(seq)
-        return box[0].unwrap()
+        result, error = box
+        if error is not None:
+            raise error
+        return result.unwrap()
 
     def _enqueue_started(self) -> None:
         """Before queueing: the writer thread runs, and knows how to wake this trio run."""
@@ -119,9 +132,10 @@ class WriteBack:
             await self._wait_for(target)
 
     def take_error(self) -> BaseException | None:
-        """The error of a failed write since the last call, cleared (a flush reports it once)."""
-        error, self.error = self.error, None
-        return error
+        """The oldest failed write not yet reported, and every failure so far counted as reported."""
+        with self._errors_lock:
+            errors, self._errors = self._errors, []
+        return errors[0] if errors else None
 
     async def _wait_for(self, seq: int) -> None:
         event = trio.Event()
@@ -152,12 +166,13 @@ class WriteBack:
                 try:
                     self._write(offset, view)
                 except Exception as exc:  # kept for the next write and flush; the writes after it still go on
-                    if self.error is None:
-                        self.error = exc
+                    with self._errors_lock:
+                        self._errors.append(exc)
                 self._done_bytes += len(view)
             else:
-                seq, fn, args, box = item
-                box.append(outcome.capture(fn, *args))
+                seq, fn, args, box, report_errors = item
+                error = self.take_error() if report_errors else None  # of exactly the writes queued before
+                box += [outcome.capture(fn, *args), error]
             self._done = seq
             if seq >= self._wake_at and not self._wake_scheduled:
                 self._wake_scheduled = True

@@ -7,10 +7,15 @@ Contenders (each gets its own copy of one fresh dynamic image made by `qemu-img 
   passthrough  benchmarks/passthrough.py: pyfuse3 + trio serving a sparse raw file of the same size with no
                translation at all, through vhdxfs's own host I/O (the ceiling of this architecture)
   passthrough-threads (only if named in --contenders) the same with plain trio.to_thread + os.pread/pwrite
+  vhdxfs-base  (only with --baseline DIR) the same as vhdxfs, but the daemon runs the code of the checkout
+               DIR (this repo's venv interpreter, PYTHONPATH=DIR): an A/B of two versions in one session.
+               Visited right after vhdxfs; the table adds the ratio of medians vhdxfs/vhdxfs-base.
 
 Jobs run with fio --direct=1 --ioengine=psync (as a VM with cache=none). Contenders are visited
 A B C D D C B A (per --rounds) so drift of the machine cancels out; every visit starts from a fresh copy.
 The table gives medians: MiB/s, and IOPS for 4k jobs, and the ratios vhdxfs/qsd and vhdxfs/passthrough.
+--jobs runs a subset of the jobs (substring match on their names); a selected job that reads or rewrites
+the span still finds it filled by the first job, run unmeasured. Every visit's figures are in the JSON.
 It also measures the vhdxfs daemon's peak RSS with a 64 TiB image open and the time to open that image
 (`vhdxfs info` next to `qemu-img info`). A contender that is missing or fails is reported as n/a with the
 reason; the others go on. Everything is written to benchmarks/results/<timestamp>.{json,md}.
@@ -40,6 +45,7 @@ PYTHON = VENV / "python" if (VENV / "python").exists() else Path(sys.executable)
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 CONTENDERS = ("vhdxfs", "qsd", "vhdimount", "passthrough")  # the default set, in visiting order
 OPTIONAL = ("passthrough-threads",)  # only when named in --contenders
+BASELINE = "vhdxfs-base"  # only with --baseline DIR
 T0 = time.monotonic()
 
 
@@ -70,16 +76,18 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
-def run(*args, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run(*args, timeout: float = 600, check: bool = True, env: dict | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a command; on failure raise Unavailable with the last lines it printed.
 
     The command gets its own process group, and the whole group is killed if we are interrupted or it
     times out: fio's job processes must not live on holding a mounted file open.
     """
     argv = [str(a) for a in args]
+    label = " ".join(argv[2:4] if argv[1:2] == ["-m"] else [Path(argv[0]).name, argv[1]])  # python -m mod cmd
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=env, cwd=cwd)
     except FileNotFoundError:
         raise Unavailable(f"{argv[0]} is not installed") from None
     try:
@@ -89,11 +97,11 @@ def run(*args, timeout: float = 600, check: bool = True) -> subprocess.Completed
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise Unavailable(f"{Path(argv[0]).name} {argv[1]}: no answer in {timeout:.0f} s") from None
+            raise Unavailable(f"{label}: no answer in {timeout:.0f} s") from None
         raise
     if check and proc.returncode != 0:
         said = " / ".join((err.strip() or out.strip() or "no output").splitlines()[-3:])
-        raise Unavailable(f"{Path(argv[0]).name} {argv[1]} failed ({proc.returncode}): {said}")
+        raise Unavailable(f"{label} failed ({proc.returncode}): {said}")
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
@@ -115,6 +123,51 @@ def vhdxfs_bin() -> Path:
     if not found:
         raise Unavailable("no vhdxfs command (run ./setup.sh)")
     return Path(found)
+
+
+class Baseline:
+    """How to run the vhdxfs of another checkout: `PYTHON -m vhdxfs.cli ...` with DIR first on sys.path.
+
+    Why the daemon runs DIR's code and not this repo's (the editable install in the venv):
+    - `vhdxfs mount` daemonizes by os.fork() without exec (vhdxfs/mount/command.py), so the daemon is the
+      very process we start here: the modules it imported, and any it imports later, come from its sys.path.
+    - That sys.path starts with PYTHONPATH=DIR. PYTHONSAFEPATH=1 keeps `python -m` from putting the working
+      directory in front of it (started from /work/main, that would win and load this repo's vhdxfs/), and
+      we start it in DIR anyway. The editable install is a meta-path finder that setuptools *appends* after
+      the regular path finder: it only answers for names that sys.path cannot find, and DIR/vhdxfs is found.
+    - Checked, not assumed: check() imports vhdxfs.cli (and every subcommand's module) with the same
+      interpreter, environment and directory and refuses unless every vhdxfs module comes from DIR; and
+      after each mount, daemon() finds the daemon by its mount point and checks its /proc/<pid>/environ.
+    """
+
+    def __init__(self, src: Path) -> None:
+        self.src = src
+        self.cmd = [PYTHON, "-m", "vhdxfs.cli"]
+        self.env = dict(os.environ, PYTHONPATH=str(src), PYTHONSAFEPATH="1")
+        self.checked = False
+
+    PROBE = ("import sys, vhdxfs.cli as cli\n"
+             "getattr(cli, 'build_parser', lambda: None)()  # imports every subcommand's module\n"
+             "print('\\n'.join(sorted({getattr(m, '__file__', None) or '?' for n, m in list(sys.modules.items())\n"
+             "                          if n.split('.')[0] == 'vhdxfs'})))")
+
+    def check(self) -> None:
+        if self.checked:
+            return
+        files = run(PYTHON, "-c", self.PROBE, env=self.env, cwd=self.src, timeout=60).stdout.split()
+        stray = [f for f in files if not Path(f).resolve().is_relative_to(self.src)]
+        if not files or stray:
+            raise Unavailable(f"vhdxfs of {self.src} would load {stray[0] if stray else 'nothing'}")
+        self.checked = True
+
+    def daemon(self, mnt: Path) -> int:
+        """The pid of the daemon serving mnt, which must have been started with PYTHONPATH=DIR."""
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if proc.name.isdigit() and str(mnt).encode() in (proc / "cmdline").read_bytes().split(b"\0"):
+                    if f"PYTHONPATH={self.src}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                        return int(proc.name)
+        raise Unavailable(f"no daemon started with PYTHONPATH={self.src} serves {mnt}")
 
 
 # -- mounts and processes: everything we start is stopped again, whatever happens ------------------------
@@ -162,18 +215,23 @@ def is_mounted(path: Path) -> bool:
 
 # -- contenders: context managers yielding the raw file to benchmark ------------------------------------
 @contextlib.contextmanager
-def vhdxfs(image: Path, mnt: Path) -> Iterator[Path]:
-    exe = vhdxfs_bin()
+def vhdxfs(image: Path, mnt: Path, base: Baseline | None = None) -> Iterator[Path]:
+    """vhdxfs mount/umount: this repo's (vhdxfs_bin), or with base the code of another checkout (both)."""
+    if base:
+        base.check()
+    cmd, how = (base.cmd, dict(env=base.env, cwd=base.src)) if base else ([vhdxfs_bin()], {})
     mnt.mkdir(exist_ok=True)
-    run(exe, "mount", image, mnt, timeout=120)
+    run(*cmd, "mount", image, mnt, timeout=120, **how)
     try:
+        if base:
+            base.daemon(mnt)
         raw = mnt / (image.stem + ".raw")
         if not raw.exists():
             raise Unavailable(f"vhdxfs mount gave no {raw.name}")
         yield raw
     finally:
         try:
-            run(exe, "umount", mnt, timeout=300)
+            run(*cmd, "umount", mnt, timeout=300, **how)
         except Unavailable as exc:
             log(f"vhdxfs umount: {exc}; unmounting lazily")
             force_unmount(mnt)
@@ -265,11 +323,11 @@ def passthrough(raw_file: Path, work: Path, io: str = "hostfile") -> Iterator[Pa
 def jobs(quick: bool, image_size: int) -> list[dict]:
     """The fio jobs, in the order one visit runs them. span: how much of the disk a job touches."""
     span = min(256 * MiB if quick else 2 * GiB, image_size // 4 // MiB * MiB)
-    t = 4 if quick else 12  # seconds of each time-based random job (5 of them per visit dominate the run)
+    t = 4 if quick else 12  # seconds of each time-based random job (4 of them per visit dominate the run)
     return [
         # Writes 1 MiB blocks into never-written space: vhdxfs and qsd allocate payload blocks and grow the
         # file (the passthrough's host file system allocates too). Runs first, on the visit's fresh copy.
-        dict(name="seq write 1M, fresh", rw="write", bs="1M", size=span, writes=True),
+        dict(name="seq write 1M, fresh", rw="write", bs="1M", size=span, writes=True, fills=True),
         # The same span again: every block is allocated now, pure data path.
         dict(name="seq write 1M, allocated", rw="write", bs="1M", size=span, writes=True),
         dict(name="seq read 1M", rw="read", bs="1M", size=span),
@@ -311,6 +369,13 @@ def headline(job: dict, sample: dict) -> float:
     return sample["iops"] if job["bs"] == "4k" else sample["mib_s"]
 
 
+def select(all_jobs: list[dict], patterns: list[str] | None) -> list[dict]:
+    """--jobs: the jobs whose name contains one of the patterns (case-insensitive), in their usual order."""
+    if not patterns:
+        return all_jobs
+    return [j for j in all_jobs if any(p.lower() in j["name"].lower() for p in patterns)]
+
+
 # -- the run ---------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args, work: Path) -> None:
@@ -318,7 +383,9 @@ class Bench:
         self.work = work
         self.base = work / "base.vhdx"
         self.size = 0
-        self.results: dict[str, dict[str, list[dict]]] = {}
+        self.results: dict[str, dict[str, list[dict]]] = {}  # contender -> job -> one sample per visit
+        self.baseline = Baseline(args.baseline) if args.baseline else None
+        self.visit_no = 0
         self.errors: dict[str, str] = {}
         self.vhdi_image: Path | None = None
         self.scratch: list[Path] = []  # image copies of the current visit, deleted after it
@@ -326,7 +393,9 @@ class Bench:
     def prepare(self) -> None:
         run("qemu-img", "create", "-q", "-f", "vhdx", self.base, self.args.size)
         self.size = json.loads(run("qemu-img", "info", "--output=json", self.base).stdout)["virtual-size"]
-        self.jobs = jobs(self.args.quick, self.size)
+        self.all_jobs = jobs(self.args.quick, self.size)
+        self.jobs = select(self.all_jobs, self.args.jobs)
+        self.span, self.runtime = self.all_jobs[0]["size"], self.all_jobs[3]["runtime"]
 
     def copy(self, name: str) -> Path:
         """A fresh copy of the base image (a dynamic VHDX: a few MiB)."""
@@ -347,6 +416,8 @@ class Bench:
         """A fresh instance of a contender: a context manager over its raw file."""
         if name == "vhdxfs":
             return vhdxfs(self.copy("disk"), self.work / "mnt-vhdxfs")
+        if name == BASELINE:
+            return vhdxfs(self.copy("disk-b"), self.work / "mnt-vhdxfs-base", self.baseline)
         if name == "qsd":
             return qsd(self.copy("qsd"), self.work)
         if name == "passthrough":
@@ -360,7 +431,7 @@ class Bench:
         if self.vhdi_image is None:
             image = self.work / "vhdi.vhdx"  # kept for every visit: vhdimount only reads it
             shutil.copyfile(self.base, image)
-            span = self.jobs[0]["size"]
+            span = self.span
             step = min(256 * MiB, span)
             cmds = [a for off in range(0, span, step) for a in ("-c", f"write -q -P 0x5a {off} {step}")]
             run("qemu-io", "-f", "vhdx", *cmds, image, timeout=900)
@@ -370,10 +441,19 @@ class Bench:
     def visit(self, name: str) -> None:
         """One pass of every job over a fresh instance of the contender."""
         todo = [j for j in self.jobs if not (name == "vhdimount" and j.get("writes"))]
+        steady = [j for j in todo if not j.get("fresh")]
+        # With --jobs, the jobs after the first one must still find the span written (allocated, data in
+        # it): the first job then runs unmeasured. vhdimount's image is filled by QEMU already.
+        fill = next((j for j in self.all_jobs if j.get("fills")), None)
+        prep = fill if steady and fill not in self.jobs and name != "vhdimount" else None
         try:
-            with self.mount(name) as raw:
-                for job in todo:
-                    if not job.get("fresh"):
+            if steady:
+                with self.mount(name) as raw:
+                    if prep:
+                        os.sync()
+                        fio(raw, prep)
+                        log(f"  {name:11} ({prep['name']}: unmeasured, fills the span)")
+                    for job in steady:
                         self.sample(name, job, raw)
             for job in todo:
                 if job.get("fresh"):  # on a second fresh copy
@@ -390,7 +470,7 @@ class Bench:
         # CPUs and the disk with the writeback of the job before it (4 GiB after the seq writes of a full
         # run): the read that follows varied 2.5x between visits.
         os.sync()
-        s = fio(raw, job)
+        s = fio(raw, job) | {"visit": self.visit_no}
         self.results.setdefault(name, {}).setdefault(job["name"], []).append(s)
         unit = "IOPS" if job["bs"] == "4k" else "MiB/s"
         log(f"  {name:11} {job['name']:30} {headline(job, s):9.0f} {unit}")
@@ -402,6 +482,7 @@ class Bench:
             if name in self.errors:
                 continue  # failed once: n/a, do not retry on every visit
             log(f"visit {i + 1}/{len(order)}: {name}")
+            self.visit_no = i + 1
             try:
                 self.visit(name)
             except Exception as exc:  # a contender that cannot run is reported as n/a; the others go on
@@ -497,24 +578,54 @@ def machine(workdir: str) -> dict:
     return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "mem_gib": mem, "workdir_fs": fs}
 
 
-def versions() -> dict:
+def git_state(checkout: Path) -> dict:
+    """Commit of a checkout, and whether its vhdxfs/ differs from it (a work in progress is measured)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True).stdout.strip()
+    with contextlib.suppress(OSError):
+        return {"commit": git("rev-parse", "--short", "HEAD"),
+                "vhdxfs_modified": bool(git("status", "--porcelain", "--", "vhdxfs"))}
+    return {}
+
+
+def versions(baseline: Path | None = None) -> dict:
     out = {}
     for name, cmd in (("fio", ["fio", "--version"]), ("qemu", ["qemu-img", "--version"]),
                       ("vhdimount", ["vhdimount", "-V"])):
         with contextlib.suppress(OSError):
             text = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
             out[name] = text.splitlines()[0] if text else ""
-    with contextlib.suppress(OSError):
-        out["vhdxfs_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                              capture_output=True, text=True).stdout.strip()
+    state = git_state(REPO)
+    out["vhdxfs_commit"], out["vhdxfs_modified"] = state.get("commit"), state.get("vhdxfs_modified")
+    if baseline:
+        out["baseline"] = {"dir": str(baseline), **git_state(baseline)}
+    return out
+
+
+def medians(bench: Bench) -> dict[str, dict[str, float]]:
+    """contender -> job -> median of its visits' headline figure (jobs without a sample left out)."""
+    return {c: {j: statistics.median(headline(job, s) for s in bench.results.get(c, {}).get(j, [])) for job in
+                bench.jobs if (j := job["name"]) in bench.results.get(c, {})} for c in bench.args.contenders}
+
+
+def comparison(bench: Bench) -> dict:
+    """vhdxfs against vhdxfs-base per job: every visit's figure (visiting order) and the ratio of medians."""
+    med, out = medians(bench), {}
+    for job in bench.jobs:
+        j = job["name"]
+        a, b = med.get("vhdxfs", {}).get(j), med.get(BASELINE, {}).get(j)
+        out[j] = {"unit": "IOPS" if job["bs"] == "4k" else "MiB/s",
+                  **{c: [headline(job, s) for s in bench.results.get(c, {}).get(j, [])] for c in ("vhdxfs", BASELINE)},
+                  "ratio_of_medians": a / b if a and b else None}
     return out
 
 
 def table(bench: Bench) -> str:
     names = bench.args.contenders
-    med = {c: {j: statistics.median(headline(job, s) for s in bench.results.get(c, {}).get(j, [])) for job in
-               bench.jobs if (j := job["name"]) in bench.results.get(c, {})} for c in names}
+    med = medians(bench)
     refs = [r for r in ("qsd", "passthrough") if r in names and "vhdxfs" in names]  # the ratio columns
+    if BASELINE in names:
+        refs.append(BASELINE)  # shown even without vhdxfs (then n/a): the run was an A/B
     lines = ["| job | unit | " + " | ".join(names + [f"vhdxfs/{r}" for r in refs]) + " |",
              "|---|---|" + "---:|" * (len(names) + len(refs))]
     for job in bench.jobs:
@@ -542,6 +653,14 @@ def table(bench: Bench) -> str:
                 noisy.append(f"{job['name']} / {c}: {min(values):.0f}–{max(values):.0f}")
     if noisy:
         lines += ["", "Visits differing by more than 25% (min–max): " + "; ".join(noisy) + "."]
+    if BASELINE in names:
+        lines += ["", f"vhdxfs against {BASELINE} (baseline {bench.args.baseline}), every visit in visiting order:"]
+        for j, row in comparison(bench).items():
+            ratio = row["ratio_of_medians"]
+            flag = " (below 0.95)" if ratio is not None and ratio < 0.95 else ""
+            lines.append(f"- {j} ({row['unit']}): vhdxfs " + (", ".join(f"{v:.0f}" for v in row["vhdxfs"]) or "n/a")
+                         + f"; {BASELINE} " + (", ".join(f"{v:.0f}" for v in row[BASELINE]) or "n/a")
+                         + "; ratio of medians " + ("n/a" if ratio is None else f"{ratio:.3f}") + flag)
     return "\n".join(lines)
 
 
@@ -554,8 +673,8 @@ def report(bench: Bench, extra: dict, elapsed: float) -> str:
     samples = args.rounds * 2
     text = table(bench)
     text += (f"\n\nMedians of {samples} visits per contender. Image {args.size} "
-             f"({'quick' if args.quick else 'full'} run: {bench.jobs[0]['size'] // MiB} MiB spans, "
-             f"{bench.jobs[3]['runtime']} s random jobs), fio direct=1 psync; run took {elapsed / 60:.1f} min.\n"
+             f"({'quick' if args.quick else 'full'} run: {bench.span // MiB} MiB spans, "
+             f"{bench.runtime} s random jobs), fio direct=1 psync; run took {elapsed / 60:.1f} min.\n"
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB RAM, Linux {m['kernel']}, "
              f"images on {m['workdir_fs'] or '?'}.\n")
     if not extra:
@@ -588,15 +707,41 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="A B C D D C B A passes (default 1: each contender visited twice)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help=f"comma-separated, from {','.join(CONTENDERS + OPTIONAL)} (default: "
-                         f"{','.join(CONTENDERS)})")
+                    help=f"comma-separated, from {','.join(CONTENDERS + OPTIONAL + (BASELINE,))} (default: "
+                         f"{','.join(CONTENDERS)}; {BASELINE} is added by --baseline, right after vhdxfs)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help=f"a checkout of vhdxfs (e.g. a git worktree of the commit before a change): adds "
+                         f"contender {BASELINE}, the vhdxfs contender run from DIR's code, and the column "
+                         f"vhdxfs/{BASELINE}. A/B: --contenders vhdxfs,{BASELINE} --baseline DIR --rounds N "
+                         f"visits A B B A A B B A ...")
+    ap.add_argument("--jobs", metavar="NAME,NAME",
+                    help="run only the jobs whose name contains one of these (case-insensitive), e.g. "
+                         "'rand read 4k' (both 4k read jobs) or 'fsync'")
     ap.add_argument("--no-footprint", action="store_true", help="skip the 64 TiB RSS and open-time figures")
     ap.add_argument("--workdir", default="/var/tmp", help="where the images go (default /var/tmp)")
     ap.add_argument("--results", default=str(HERE / "results"), help="where the JSON and Markdown go")
     args = ap.parse_args()
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if bad := set(args.contenders) - set(CONTENDERS + OPTIONAL):
+    if bad := set(args.contenders) - set(CONTENDERS + OPTIONAL + (BASELINE,)):
         ap.error(f"unknown contender(s): {', '.join(sorted(bad))}")
+    if len(set(args.contenders)) != len(args.contenders):
+        ap.error("a contender is named twice")
+    if args.baseline:
+        args.baseline = Path(args.baseline).resolve()
+        if not (args.baseline / "vhdxfs" / "cli.py").is_file():
+            ap.error(f"--baseline {args.baseline}: no vhdxfs/cli.py there (a checkout of this repository?)")
+        if args.baseline == REPO:
+            ap.error("--baseline is this checkout itself")
+        if BASELINE not in args.contenders:
+            at = args.contenders.index("vhdxfs") + 1 if "vhdxfs" in args.contenders else len(args.contenders)
+            args.contenders.insert(at, BASELINE)
+    elif BASELINE in args.contenders:
+        ap.error(f"contender {BASELINE} needs --baseline DIR")
+    if args.jobs:
+        args.jobs = [p.strip() for p in args.jobs.split(",") if p.strip()]
+        names = [j["name"] for j in jobs(False, 8 * GiB)]
+        if unmatched := [p for p in args.jobs if not select([{"name": n} for n in names], [p])]:
+            ap.error(f"--jobs: no job matches {', '.join(map(repr, unmatched))}; the jobs: {'; '.join(names)}")
     parse_size(args.size)  # reject nonsense before any work
 
     # SIGTERM (and SIGHUP, SIGINT unless started with them ignored, as by nohup or a shell's `&`) unwinds
@@ -609,7 +754,8 @@ def main() -> int:
     extra: dict = {}
     try:
         bench.prepare()
-        log(f"image {args.size}, spans {bench.jobs[0]['size'] // MiB} MiB, work dir {work}")
+        log(f"image {args.size}, spans {bench.span // MiB} MiB, work dir {work}, "
+            f"{len(bench.jobs)} of {len(bench.all_jobs)} jobs")
         bench.contend()
         if not args.no_footprint:
             extra = bench.footprint()
@@ -632,9 +778,13 @@ def main() -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"when": stamp, "args": {k: v for k, v in vars(args).items()}, "image_bytes": bench.size,
-              "machine": machine(args.workdir), "versions": versions(), "jobs": bench.jobs, "results": bench.results,
-              "errors": bench.errors, "footprint": extra, "elapsed_s": time.monotonic() - T0}
+    # results: contender -> job -> one sample per visit, each with its visit number (the order is in args).
+    record = {"when": stamp, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "image_bytes": bench.size, "machine": machine(args.workdir), "versions": versions(args.baseline),
+              "jobs": bench.jobs, "results": bench.results, "errors": bench.errors, "footprint": extra,
+              "elapsed_s": time.monotonic() - T0}
+    if BASELINE in args.contenders:
+        record["comparison"] = comparison(bench)  # vhdxfs vs vhdxfs-base: per-visit figures and ratio
     (out / f"{stamp}.json").write_text(json.dumps(record, indent=2))
     (out / f"{stamp}.md").write_text(text)
     log(f"saved {out / stamp}.json and .md")

@@ -1,20 +1,17 @@
 """Shared fixtures.
 
-Tests that need root, /dev/fuse, loop devices or the QEMU/libvhdi peers use the ``needs`` helper: on a
-developer machine without them they skip, but with VHDXFS_REQUIRE_FUSE=1 (set by .ci/run) a missing
-requirement fails the test instead, so CI can never pass by skipping.
+Pytest hooks and fixtures only. Helpers that tests import (``need_tools``, ``need_root_fuse``, ``missing``:
+skip on a developer machine, fail under VHDXFS_REQUIRE_FUSE=1) live in tests/helpers.py.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REQUIRE = os.environ.get("VHDXFS_REQUIRE_FUSE") == "1"
+from tests.helpers import missing, need_tools
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,27 +25,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "stress" in item.keywords:
             item.add_marker(skip)
-
-
-def missing(reason: str) -> None:
-    """Skip, or fail when CI demands that every environment-dependent test runs."""
-    if REQUIRE:
-        pytest.fail(f"required by VHDXFS_REQUIRE_FUSE=1 but unavailable: {reason}")
-    pytest.skip(reason)
-
-
-def need_tools(*names: str) -> None:
-    for name in names:
-        if shutil.which(name) is None:
-            missing(f"{name} is not installed")
-
-
-def need_root_fuse() -> None:
-    if os.geteuid() != 0:
-        missing("needs root")
-    if not Path("/dev/fuse").exists():
-        missing("needs /dev/fuse")
-    need_tools("fusermount3")
 
 
 @pytest.fixture

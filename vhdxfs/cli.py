@@ -62,5 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def mount_helper() -> int:
+    """`mount.fuse.vhdxfs SOURCE TARGET -o OPTIONS`, as mount(8) runs it for fstab entries (mount/fstab.py)."""
+    from .mount.fstab import translate
+
+    return main(translate(sys.argv[1:]))
+
+
 if __name__ == "__main__":
     sys.exit(main())

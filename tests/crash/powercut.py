@@ -1,6 +1,6 @@
 """A host file that loses power: it keeps what an fdatasync made durable apart from what is only written.
 
-``PowerCutHost`` stands in for HostFile at the host seam. Writes since the last fdatasync are volatile;
+``PowerCutHost`` is a HostIO (vhdxfs.engine.hostio) for the host seam. Writes since the last fdatasync are volatile;
 at the chosen operation number the power goes: the operation raises ``PowerCut``, and ``survivor()``
 builds what a disk could hold afterwards: the durable bytes plus a random subset of the volatile
 writes, each kept whole, dropped, or torn at 512-byte granularity; an unsynced size change may be lost.
@@ -11,8 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from vhdxfs.engine.hostfile import HostFile
-from vhdxfs.engine.writeback import WriteBack
+from vhdxfs.engine import FileBase
 
 SECTOR = 512
 
@@ -82,16 +81,13 @@ class Disk:
         return bytes(out)
 
 
-class PowerCutHost(HostFile):
-    """HostFile over a ``Disk`` in memory; no OS file, no lock."""
+class PowerCutHost(FileBase):
+    """A host file over a ``Disk`` in memory; no OS file, no lock."""
 
     def __init__(self, path: str | Path, *, writable: bool, disk: Disk) -> None:
         self.path = Path(path)
         self.writable = writable
-        self.fd = -1
-        self.punch_supported = True
         self.disk = disk
-        self.writeback = WriteBack(self.pwrite) if writable else None  # queued writes reach pwrite below
 
     def size(self) -> int:
         return len(self.disk.volatile)
@@ -127,5 +123,4 @@ class PowerCutHost(HostFile):
             self.truncate(offset + length)
 
     def close(self) -> None:
-        if self.writeback is not None:
-            self.writeback.close()
+        return None

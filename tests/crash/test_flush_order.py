@@ -22,9 +22,8 @@ from trio.testing import wait_all_tasks_blocked
 
 from tests.crash.powercut import Disk, PowerCutHost
 from tests.helpers import make_image
-from vhdxfs.engine.disk import VirtualDisk
-from vhdxfs.engine.hostfile import HostFile
-from vhdxfs.tools.differencing import create_child
+from vhdxfs.engine import PosixFile, create_child
+from vhdxfs.engine.aio import AsyncDisk
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -34,10 +33,11 @@ W1 = (0, b"1" * 4096)  # (virtual offset, data); W2 is the racing write
 
 
 class Gate:
-    """Holds the pwrites that overlap the file location of a virtual range until ``release`` is set."""
+    """Holds the pwrites of one write's data (told by its bytes: each write here is unique) until ``release``
+    is set."""
 
-    def __init__(self, voff: int, length: int) -> None:
-        self.voff, self.length = voff, length
+    def __init__(self, data: bytes) -> None:
+        self.data = data
         self.reached = threading.Event()
         self.release = threading.Event()
 
@@ -47,14 +47,12 @@ class GatedHost(PowerCutHost):
 
     def __init__(self, path, *, writable: bool, disk: Disk) -> None:
         super().__init__(path, writable=writable, disk=disk)
-        self.locate = None  # virtual offset -> file offset, or None where the block has no space (set later)
         self.gates: list[Gate] = []
         self.hold_sync: Gate | None = None
 
     def pwrite(self, offset, data) -> None:
         for gate in self.gates:
-            where = self.locate(gate.voff) if self.locate is not None else None
-            if where is not None and offset < where + gate.length and where < offset + len(data):
+            if bytes(data) == gate.data:
                 gate.reached.set()
                 assert gate.release.wait(TIMEOUT), "a gated write was never released"
         super().pwrite(offset, data)
@@ -76,7 +74,7 @@ class GatedHost(PowerCutHost):
 @pytest.mark.parametrize("flush_waits_for", ["W1's data", "its fdatasync"])
 async def test_a_write_racing_a_flush_is_not_journaled_before_its_data(tmp_path, racer_at, flush_waits_for):
     base = make_image(tmp_path / "base.vhdx", SIZE, block_size=1 * MiB)
-    async with await VirtualDisk.open(base) as parent:
+    async with await AsyncDisk.open(base) as parent:
         await parent.write(0, OLD * SIZE)
     child = tmp_path / "child.avhdx"
     create_child(child, base, block_size=1 * MiB)
@@ -85,31 +83,26 @@ async def test_a_write_racing_a_flush_is_not_journaled_before_its_data(tmp_path,
 
     def factory(path, writable):
         if Path(path) != child:
-            return HostFile(path, writable=writable)
+            return PosixFile(path, writable=writable)
         hosts.append(GatedHost(path, writable=writable, disk=medium))
         return hosts[-1]
 
     w2 = (racer_at, b"2" * 4096)
-    disk = await VirtualDisk.open(child, host_factory=factory)
+    disk = await AsyncDisk.open(child, host_factory=factory)
     host = hosts[0]
-    # Both writes land in chunk 0's sector bitmap, whose first 4 KiB page covers the first 16 MiB.
-    assert disk.bitmaps.sector_position(w2[0] // 512)[0] == disk.bitmaps.sector_position(0)[0] == 0
-
-    def locate(voff: int) -> int | None:
-        _state, file_offset = disk.bat.payload(voff // disk.block_size)
-        return file_offset + voff % disk.block_size if file_offset else None
-
-    host.locate = locate
-    racer = Gate(w2[0], len(w2[1]))
+    # Both writes land in chunk 0's sector bitmap (a chunk spans 2**23 sectors), whose first 4 KiB page
+    # covers the first 16 MiB.
+    assert max(W1[0], w2[0]) < 16 * MiB
+    racer = Gate(w2[1])
     host.gates.append(racer)
     if flush_waits_for == "W1's data":
-        waits = Gate(W1[0], len(W1[1]))
+        waits = Gate(W1[1])
         host.gates.append(waits)
     try:
         with trio.fail_after(TIMEOUT):
             await disk.write(*W1)  # queued (and held, or not); marks its sectors in the bitmap page
             if flush_waits_for == "its fdatasync":
-                waits = host.hold_sync = Gate(0, 0)  # armed only now: the write above syncs the header
+                waits = host.hold_sync = Gate(b"")  # armed only now: the write above syncs the header
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(disk.flush)
                 assert await trio.to_thread.run_sync(waits.reached.wait, TIMEOUT)
@@ -121,7 +114,7 @@ async def test_a_write_racing_a_flush_is_not_journaled_before_its_data(tmp_path,
             assert not racer.release.is_set()
         survivor = tmp_path / "survivor.avhdx"
         survivor.write_bytes(bytes(medium.durable))  # what a power cut now leaves
-        async with await VirtualDisk.open(survivor, read_only=True, parent=base) as after:
+        async with await AsyncDisk.open(survivor, read_only=True, parent=base) as after:
             assert await after.read(W1[0], len(W1[1])) == W1[1], "a flushed write was lost"
             got = bytes(await after.read(w2[0], len(w2[1])))
         assert got in (OLD * len(w2[1]), w2[1]), "the log marks sectors present whose data was never written"

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from tests.helpers import make_image, run
-from vhdxfs.engine.disk import VirtualDisk
-from vhdxfs.engine.hostfile import HostFile
+from vhdxfs.engine import Kind, PosixFile
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.errors import HostIOError
 from vhdxfs.tools.check import check_image
 
@@ -18,7 +18,7 @@ MiB = 1 << 20
 
 async def test_a_full_host_disk_gives_enospc_and_keeps_the_image_consistent(small_fs):
     image = make_image(small_fs / "d.vhdx", 256 * MiB, block_size=1 * MiB)
-    async with await VirtualDisk.open(image) as disk:
+    async with await AsyncDisk.open(image) as disk:
         await disk.write(0, b"\x42" * MiB)
         await disk.flush()
         with pytest.raises(HostIOError) as exc:
@@ -34,14 +34,17 @@ async def test_a_full_host_disk_gives_enospc_and_keeps_the_image_consistent(smal
     assert check_image(str(image))["status"] == "clean"
     result = run("qemu-img", "check", image)
     assert result.returncode == 0, result.stdout + result.stderr
-    async with await VirtualDisk.open(image, read_only=True) as disk:
+    async with await AsyncDisk.open(image, read_only=True) as disk:
         assert await disk.read(0, MiB) == b"\x42" * MiB
 
 
-class FailingReads(HostFile):
-    """A host file whose payload reads fail with EIO, as a dying disk's would."""
+class FailingReads(PosixFile):
+    """A host file whose payload reads fail with EIO, as a dying disk's would (nothing is in its cache)."""
 
     fail_from = 1 << 62
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        return False
 
     def pread_into(self, offset: int, view: memoryview) -> None:
         if offset >= self.fail_from:
@@ -51,11 +54,13 @@ class FailingReads(HostFile):
 
 async def test_eio_from_the_host_surfaces_as_eio(tmp_path):
     image = make_image(tmp_path / "d.vhdx", 32 * MiB, block_size=1 * MiB)
-    async with await VirtualDisk.open(image) as disk:
+    async with await AsyncDisk.open(image) as disk:
         await disk.write(5 * MiB, b"z" * 4096)
-        payload_at = disk.bat.payload(5)[1]
+        [extent] = await disk.extents(5 * MiB, 4096)
+        assert extent.kind == Kind.DATA
+        payload_at = extent.file_offset
     FailingReads.fail_from = payload_at
-    disk = await VirtualDisk.open(image, read_only=True, host_factory=FailingReads)
+    disk = await AsyncDisk.open(image, read_only=True, host_factory=FailingReads)
     try:
         with pytest.raises(HostIOError) as exc:
             await disk.read(5 * MiB, 4096)

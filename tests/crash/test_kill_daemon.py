@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import need_root_fuse, need_tools
-from tests.helpers import make_image, qemu_check_clean, vhdxfs
+from tests.helpers import make_image, need_root_fuse, need_tools, qemu_check_clean, vhdxfs
 from vhdxfs.mount.daemon import state_file
 from vhdxfs.tools.check import check_image
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import need_tools
 from tests.crash.powercut import Disk, PowerCut, PowerCutHost
-from tests.helpers import make_image, run
-from vhdxfs.engine.disk import VirtualDisk
+from tests.helpers import make_image, need_tools, on_disk, run
+from vhdxfs.engine import PosixFile, create_child
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.tools.check import check_image
-from vhdxfs.tools.differencing import create_child
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -53,7 +52,7 @@ class Ledger:
             assert got in self.since.get(s, ()), f"sector {s} holds data never written there"
 
 
-async def workload(disk: VirtualDisk, ledger: Ledger, rnd: random.Random, steps: int) -> None:
+async def workload(disk: AsyncDisk, ledger: Ledger, rnd: random.Random, steps: int) -> None:
     for _ in range(steps):
         off = rnd.randrange(0, SIZE, SECTOR)
         n = min(rnd.choice([SECTOR, 4096, 65536, 300 * 1024, 2 * MiB + 512]), SIZE - off)
@@ -78,7 +77,7 @@ async def one_cut(tmp_path: Path, seed: int, differencing: bool) -> tuple[bool, 
     initial = bytearray(SIZE)
     target = base
     if differencing:
-        async with await VirtualDisk.open(base) as disk:
+        async with await AsyncDisk.open(base) as disk:
             initial[:] = rnd.randbytes(SIZE)
             await disk.write(0, bytes(initial))
         target = tmp_path / f"child{seed}.avhdx"
@@ -87,7 +86,7 @@ async def one_cut(tmp_path: Path, seed: int, differencing: bool) -> tuple[bool, 
     ledger = Ledger(bytes(initial))
     factory = functools.partial(PowerCutHost, disk=medium)
     try:
-        disk = await VirtualDisk.open(target, host_factory=lambda p, writable: factory(p, writable=writable)
+        disk = await AsyncDisk.open(target, host_factory=lambda p, writable: factory(p, writable=writable)
                                       if Path(p) == target else _real(p, writable))
         await workload(disk, ledger, rnd, 200)
         await disk.close()
@@ -95,9 +94,9 @@ async def one_cut(tmp_path: Path, seed: int, differencing: bool) -> tuple[bool, 
         pass
     target.write_bytes(medium.survivor())
     # Invariant 1: it opens (replaying the log) and checks clean, ours and QEMU's.
-    async with await VirtualDisk.open(target) as disk:
+    replayed = on_disk(target).replayed_entries > 0
+    async with await AsyncDisk.open(target) as disk:
         contents = bytes(await disk.read(0, SIZE))
-        replayed = disk.image.replayed_entries > 0
     report = await trio.to_thread.run_sync(check_image, str(target))
     assert report["status"] == "clean", report
     if not differencing:
@@ -109,9 +108,7 @@ async def one_cut(tmp_path: Path, seed: int, differencing: bool) -> tuple[bool, 
 
 
 def _real(path, writable):
-    from vhdxfs.engine.hostfile import HostFile
-
-    return HostFile(path, writable=writable)
+    return PosixFile(path, writable=writable)
 
 
 @pytest.mark.parametrize("differencing", [False, True], ids=["dynamic", "differencing"])

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need_root_fuse
-from tests.helpers import vhdxfs
+from tests.helpers import need_root_fuse, vhdxfs
 from vhdxfs.mount.daemon import read_state, state_file
 from vhdxfs.mount.mounts import find_mount
 

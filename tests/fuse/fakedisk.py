@@ -1,4 +1,4 @@
-"""An in-memory stand-in for VirtualDisk with the same interface, for testing Operations without a mount.
+"""An in-memory stand-in for AsyncDisk with the same interface, for testing Operations without a mount.
 
 It checks what the real engine checks (ranges, read-only) and records the calls the mount layer makes, so
 tests can see that a discard or a flush reached the disk, and can make any call fail on purpose.

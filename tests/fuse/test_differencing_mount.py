@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import random
 
-from tests.conftest import need_root_fuse, need_tools
-from tests.helpers import make_image, qemu_check_clean, run, sha256, vhdxfs
+from tests.helpers import make_image, need_root_fuse, need_tools, qemu_check_clean, run, sha256, vhdxfs
 
 MiB = 1 << 20
 SIZE = 48 * MiB
@@ -57,10 +56,10 @@ def test_libvhdi_reads_our_chain_as_we_do(tmp_path):
     mid, top = tmp_path / "mid.avhdx", tmp_path / "top.avhdx"
     import trio
 
-    from vhdxfs.engine.disk import VirtualDisk
+    from vhdxfs.engine.aio import AsyncDisk
 
     async def write(path, offset, data):
-        async with await VirtualDisk.open(path) as disk:
+        async with await AsyncDisk.open(path) as disk:
             await disk.write(offset, data)
 
     trio.run(write, base, 0, b"B" * (8 * MiB))

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need_tools
-from tests.helpers import make_image, qemu_check_clean, vhdxfs
+from tests.helpers import make_image, need_tools, qemu_check_clean, vhdxfs
 from vhdxfs.mount.daemon import state_file
 from vhdxfs.mount.mounts import DEAD_ERRNOS, find_mount
 

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import need_tools
-from tests.helpers import make_dirty_image, make_image, qemu_check_clean, run, sha256, vhdxfs
+from tests.helpers import make_dirty_image, make_image, need_tools, qemu_check_clean, run, sha256, vhdxfs
 from vhdxfs.mount.daemon import state_file
 
 MiB = 1 << 20
@@ -96,7 +95,7 @@ def test_ext4_on_a_loop_device_survives_the_round_trip(tmp_path, mnt):
 
 
 def test_fstrim_in_ext4_on_a_loop_device_gives_the_space_back(tmp_path, mnt):
-    """The whole discard path: fstrim -> ext4 -> loop (fallocate PUNCH_HOLE) -> FUSE -> VirtualDisk.discard."""
+    """The whole discard path: fstrim -> ext4 -> loop (fallocate PUNCH_HOLE) -> FUSE -> AsyncDisk.discard."""
     need_tools("losetup", "mkfs.ext4", "fstrim", "qemu-img")
     image = make_image(tmp_path / "trim.vhdx", 128 * MiB, block_size=1 * MiB)
     mnt.mount(image)

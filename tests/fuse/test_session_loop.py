@@ -15,8 +15,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from tests.conftest import need_root_fuse
 from tests.fuse.loopfs import PATTERN_SIZE, pattern
+from tests.helpers import need_root_fuse
 from vhdxfs.mount.mounts import find_mount
 
 REPO = Path(__file__).resolve().parents[2]

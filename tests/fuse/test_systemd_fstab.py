@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import need_tools
-from tests.helpers import make_image, qemu_check_clean, run
+from tests.helpers import make_image, need_tools, qemu_check_clean, run
 from vhdxfs.mount.fstab import translate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from tests.conftest import need_tools
-from tests.helpers import make_dirty_image, qemu_check_clean, run, sha256
-from vhdxfs.engine.disk import VirtualDisk
+from tests.helpers import make_dirty_image, need_tools, qemu_check_clean, run, sha256
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.image import VhdxFile
 
 MiB = 1 << 20
@@ -20,7 +19,7 @@ def test_read_only_open_replays_in_memory_and_writes_nothing(tmp_path):
     in_place.close()
 
     async def read() -> bytes:
-        async with await VirtualDisk.open(image, read_only=True) as disk:
+        async with await AsyncDisk.open(image, read_only=True) as disk:
             return bytes(await disk.read(3 * MiB, MiB))
 
     assert trio.run(read) == b"\x77" * MiB
@@ -31,7 +30,7 @@ def test_writable_open_replays_into_the_file_and_clears_the_log(tmp_path):
     image = make_dirty_image(tmp_path / "d.vhdx", 16 * MiB, 0, b"\x78" * (2 * MiB))
 
     async def read() -> bytes:
-        async with await VirtualDisk.open(image) as disk:
+        async with await AsyncDisk.open(image) as disk:
             return bytes(await disk.read(0, 2 * MiB))
 
     assert trio.run(read) == b"\x78" * (2 * MiB)

@@ -6,9 +6,8 @@ import random
 
 import pytest
 
-from tests.conftest import need_tools
-from tests.helpers import make_image, qemu_check_clean, random_step, run, vhdxfs
-from vhdxfs.engine.disk import VirtualDisk
+from tests.helpers import make_image, need_tools, qemu_check_clean, random_step, run, vhdxfs
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.format.constants import MiB
 
 
@@ -82,7 +81,7 @@ async def test_virtualdisk_writes_read_back_identically_by_qemu(tmp_path):
     size = 200 * MiB
     model = bytearray(size)
     rnd = random.Random(3)
-    async with await VirtualDisk.open(img) as disk:
+    async with await AsyncDisk.open(img) as disk:
         for _ in range(120):
             await random_step(disk, model, rnd, rnd.randrange(1, 5 * MiB), discard_ratio=0.1)
             if rnd.random() < 0.2:
@@ -99,7 +98,7 @@ def test_qemu_sees_a_clean_image_after_a_writable_open_that_only_read(tmp_path):
     import trio
 
     async def touch():
-        async with await VirtualDisk.open(img) as disk:
+        async with await AsyncDisk.open(img) as disk:
             await disk.read(0, MiB)
 
     trio.run(touch)

@@ -9,23 +9,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import need_tools
 from tests.crash.powercut import Disk, PowerCut, PowerCutHost
-from tests.helpers import make_image, qemu_check_clean, random_step, run, vhdxfs
-from vhdxfs.engine.disk import VirtualDisk
+from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean, random_step, run, vhdxfs
+from vhdxfs.engine import check_image, commit, create_child
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.image import VhdxFile
 from vhdxfs.engine.parent import linkage_guids
 from vhdxfs.format.guids import parse_braced
-from vhdxfs.tools.check import check_image
-from vhdxfs.tools.commit import commit
-from vhdxfs.tools.differencing import create_child
 
 MiB = 1 << 20
 SIZE = 24 * MiB
 
 
 async def read_all(path: Path) -> bytes:
-    async with await VirtualDisk.open(path, read_only=True) as disk:
+    async with await AsyncDisk.open(path, read_only=True) as disk:
         return bytes(await disk.read(0, disk.size))
 
 
@@ -36,19 +33,20 @@ async def make_chain(tmp_path: Path, seed: int, sector: int = 512, child_block: 
     rnd = random.Random(seed)
     base = make_image(tmp_path / "base.vhdx", size, block_size=2 * MiB, logical_sector_size=sector)
     model = bytearray(size)
-    async with await VirtualDisk.open(base) as disk:
+    async with await AsyncDisk.open(base) as disk:
         data = rnd.randbytes(size - 4 * MiB)
         await disk.write(MiB, data)
         model[MiB:MiB + len(data)] = data
     child = tmp_path / "child.avhdx"
     create_child(child, base, block_size=child_block)
-    async with await VirtualDisk.open(child) as disk:
+    async with await AsyncDisk.open(child) as disk:
         for _ in range(steps):
             await random_step(disk, model, rnd, rnd.choice([sector, 3 * sector, 70_000, 2 * MiB + sector]))
         for block in (3, 9):  # over parent data: in the child they must read as zeros, not as the parent
             await disk.discard(block * child_block, child_block)
             model[block * child_block:(block + 1) * child_block] = bytes(child_block)
-            assert disk.bat.payload(block)[0] == 2  # ZERO
+            await disk.flush()
+            assert on_disk(child).bat.payload(block)[0] == 2  # ZERO
     assert await read_all(child) == model
     return base, child, model
 
@@ -92,14 +90,47 @@ async def test_committing_into_a_parent_that_is_itself_a_child(tmp_path):
     top = tmp_path / "top.avhdx"
     create_child(top, mid, block_size=4 * MiB)
     rnd = random.Random(8)
-    async with await VirtualDisk.open(top) as disk:
+    async with await AsyncDisk.open(top) as disk:
         for _ in range(20):
             await random_step(disk, model, rnd, rnd.choice([512, 100_000, 5 * MiB]))
-    result = await commit(top)
+    result = commit(top)
     assert result.parent == mid and result.copied > 0
     assert await read_all(mid) == model  # mid, with base below it, now reads as top did
     assert await read_all(top) == model
     assert (await trio.to_thread.run_sync(check_image, str(mid)))["status"] == "clean"
+
+
+async def test_committing_into_partially_present_blocks_of_an_earlier_session(tmp_path):
+    """Regression: the merge writes sectors into blocks of the parent that are PARTIALLY_PRESENT since an
+    earlier session, before anything has read them. Such a write must mark the bits in the sector bitmap
+    the file holds (the engine loads it when it allocates), not in a blank one that would lose the
+    earlier session's sectors."""
+    base = make_image(tmp_path / "base.vhdx", 8 * MiB, block_size=1 * MiB)
+    model = bytearray(random.Random(21).randbytes(8 * MiB))
+    async with await AsyncDisk.open(base) as disk:
+        await disk.write(0, bytes(model))
+    mid = tmp_path / "mid.avhdx"
+    create_child(mid, base, block_size=1 * MiB)
+    async with await AsyncDisk.open(mid) as disk:  # the earlier session: one sector in each block
+        for block in range(8):
+            at = block * MiB + 4096 * block
+            await disk.write(at, bytes([0xA0 + block]) * 512)
+            model[at:at + 512] = bytes([0xA0 + block]) * 512
+    assert {on_disk(mid).bat.payload(block)[0] for block in range(8)} == {7}  # PARTIALLY_PRESENT
+    top = tmp_path / "top.avhdx"
+    create_child(top, mid, block_size=2 * MiB)
+    async with await AsyncDisk.open(top) as disk:  # other sectors of the same blocks, and one whole block
+        for block in range(8):
+            at = block * MiB + 65536 + 512 * block
+            await disk.write(at, bytes([block + 1]) * 1536)
+            model[at:at + 1536] = bytes([block + 1]) * 1536
+        await disk.write(5 * MiB, b"\xee" * MiB)
+        model[5 * MiB:6 * MiB] = b"\xee" * MiB
+    result = commit(top)
+    assert result.parent == mid and result.copied == 8 * 1536 + MiB - 1536 and result.zeroed == 0
+    assert await read_all(mid) == model  # byte for byte: the earlier session's sectors are still there
+    assert {on_disk(mid).bat.payload(block)[0] for block in range(8)} == {6, 7}
+    assert check_image(str(mid))["status"] == "clean"
 
 
 def test_a_non_differencing_image_has_nothing_to_commit(tmp_path):
@@ -126,17 +157,16 @@ async def test_a_power_cut_anywhere_keeps_the_childs_view(tmp_path, cut_in):
             return PowerCutHost(path, writable=writable, disk=media[Path(path).resolve()])
 
         try:
-            trio.run(commit, child, None, factory)
+            commit(child, None, host_factory=factory)
         except PowerCut:
             pass
         return media
 
-    # run_to uses trio.run, which cannot nest in this test's loop: drive it from a worker thread.
-    total = (await trio.to_thread.run_sync(run_to, None, 0))[child if cut_in == "child" else base].ops
+    total = run_to(None, 0)[child if cut_in == "child" else base].ops
     assert total > 5
     cuts = range(1, total + 1) if total <= 30 else sorted(random.Random(1).sample(range(1, total + 1), 30))
     for cut in cuts:
-        media = await trio.to_thread.run_sync(run_to, cut, cut)
+        media = run_to(cut, cut)
         for path, medium in media.items():
             path.write_bytes(medium.survivor())
         assert await read_all(child) == model, f"cut at {cut}"
@@ -145,6 +175,6 @@ async def test_a_power_cut_anywhere_keeps_the_childs_view(tmp_path, cut_in):
         assert len(linkage_guids(kid.metadata)) in (1, 2)
         kid.close()
     # After the last cut, a rerun finishes the merge.
-    await commit(child)
+    commit(child)
     assert await read_all(base) == model
     qemu_check_clean(base)

@@ -7,12 +7,11 @@ import random
 
 import trio
 
-from tests.conftest import need_tools
 from tests.crash.powercut import Disk, PowerCut, PowerCutHost
-from tests.helpers import make_image, qemu_check_clean, run, vhdxfs
-from vhdxfs.engine.disk import VirtualDisk
-from vhdxfs.tools.check import check_image
-from vhdxfs.tools.compact import compact, move_tail_blocks
+from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean, run, vhdxfs
+from vhdxfs.engine import check_image, compact
+from vhdxfs.engine.aio import AsyncDisk
+from vhdxfs.engine.compaction import move_tail_blocks  # pass 2 alone: a test seam
 
 MiB = 1 << 20
 
@@ -46,7 +45,7 @@ def test_compacting_a_child_keeps_its_zeros_from_showing_the_parent(tmp_path):
     assert vhdxfs("convert", raw, base, "--block-size", "1M").returncode == 0
     assert vhdxfs("create", child, "--parent", base, "--block-size", "1M").returncode == 0
     async def zero_a_block():
-        async with await VirtualDisk.open(child) as disk:
+        async with await AsyncDisk.open(child) as disk:
             await disk.write(2 * MiB, bytes(MiB))
 
     trio.run(zero_a_block)
@@ -62,25 +61,25 @@ async def test_tail_blocks_move_into_holes_and_the_file_gets_shorter(tmp_path):
     need_tools("qemu-img")
     path = make_image(tmp_path / "t.vhdx", 16 * MiB, block_size=1 * MiB)
     model = bytearray(random.Random(5).randbytes(10 * MiB)) + bytes(6 * MiB)
-    async with await VirtualDisk.open(path) as disk:
+    async with await AsyncDisk.open(path) as disk:
         for block in range(10):  # allocated in order: block 9 ends the file
             await disk.write(block * MiB, bytes(model[block * MiB:(block + 1) * MiB]))
         model[2 * MiB:4 * MiB] = bytes(2 * MiB)
         await disk.write(2 * MiB, bytes(2 * MiB))  # blocks 2 and 3 still allocated, now all zeros
     size = path.stat().st_size
-    result = await compact(str(path))
+    result = compact(str(path))
     assert result.zero_blocks == 2 and result.moved == 2 * MiB
     assert path.stat().st_size == size - 2 * MiB
     qemu_check_clean(path)
-    async with await VirtualDisk.open(path, read_only=True) as disk:
+    async with await AsyncDisk.open(path, read_only=True) as disk:
         assert await disk.read(0, disk.size) == model
-        assert max(o + n for o, n, _ in disk.bat.allocated_ranges()) == path.stat().st_size
+        assert max(o + n for o, n, _ in on_disk(path).bat.allocated_ranges()) == path.stat().st_size
 
 
 async def test_a_power_cut_while_packing_keeps_the_contents(tmp_path):
     path = make_image(tmp_path / "p.vhdx", 8 * MiB, block_size=1 * MiB)
     model = bytearray(random.Random(6).randbytes(8 * MiB))
-    async with await VirtualDisk.open(path) as disk:
+    async with await AsyncDisk.open(path) as disk:
         await disk.write(0, bytes(model))
         model[MiB:3 * MiB] = bytes(2 * MiB)
         await disk.discard(MiB, 2 * MiB)  # two holes for the last two blocks
@@ -98,6 +97,6 @@ async def test_a_power_cut_while_packing_keeps_the_contents(tmp_path):
     assert total > 8
     for cut in range(1, total + 1):
         path.write_bytes(run_to(cut, cut).survivor())
-        async with await VirtualDisk.open(path) as disk:
+        async with await AsyncDisk.open(path) as disk:
             assert await disk.read(0, disk.size) == model, f"cut at {cut}"
         assert (await trio.to_thread.run_sync(check_image, str(path)))["status"] == "clean"

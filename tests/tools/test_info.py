@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import need_tools
-from tests.helpers import make_dirty_image, run, vhdxfs
-from vhdxfs.tools.differencing import create_child
+from tests.helpers import make_dirty_image, need_tools, run, vhdxfs
+from vhdxfs.engine import create_child
 
 MiB = 1 << 20
 KEYS = {"format", "type", "virtual-size", "block-size", "logical-sector-size", "physical-sector-size",

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need_tools
-from tests.helpers import make_dirty_image, make_image, qemu_check_clean, run, sha256, vhdxfs
-from vhdxfs.engine.disk import VirtualDisk
+from tests.helpers import make_dirty_image, make_image, need_tools, on_disk, qemu_check_clean, run, sha256, vhdxfs
+from vhdxfs.engine import create_child
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.image import VhdxFile
 from vhdxfs.format.bat import PayloadState, make_entry
 from vhdxfs.format.constants import HEADER_OFFSETS, HEADER_SIZE, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE
 from vhdxfs.format.header import Header
 from vhdxfs.format.region import RegionTable
-from vhdxfs.tools.differencing import create_child
 
 MiB = 1 << 20
 
@@ -151,20 +150,20 @@ def test_region_tables_that_differ_are_made_equal(image):
 
 async def test_a_damaged_sector_bitmap_entry_zeroes_its_partial_blocks(tmp_path):
     base = make_image(tmp_path / "base.vhdx", 8 * MiB, block_size=1 * MiB)
-    async with await VirtualDisk.open(base) as disk:
+    async with await AsyncDisk.open(base) as disk:
         await disk.write(0, b"\x05" * (8 * MiB))
     child = tmp_path / "child.avhdx"
     create_child(child, base, block_size=1 * MiB)
-    async with await VirtualDisk.open(child) as disk:
+    async with await AsyncDisk.open(child) as disk:
         await disk.write(512, b"\x06" * 512)  # block 0 PARTIALLY_PRESENT, chunk 0's bitmap PRESENT
         await disk.write(2 * MiB, b"\x07" * MiB)  # block 2 FULLY_PRESENT
-        index = disk.geometry.bitmap_index(0)
+        index = on_disk(child).geometry.bitmap_index(0)
     poke(child, bat_offset(child) + 8 * index, struct.pack("<Q", make_entry(6, 900 * MiB)))
     code, report = repair(child)
     assert code == 0, report
     text = "\n".join(report["repairs"])
     assert "sector bitmap of chunk 0" in text and "payload block 0," in text
-    async with await VirtualDisk.open(child, read_only=True) as disk:
+    async with await AsyncDisk.open(child, read_only=True) as disk:
         assert await disk.read(0, MiB) == bytes(MiB)  # zeros: neither stale bits nor the parent
         assert await disk.read(MiB, MiB) == b"\x05" * MiB
         assert await disk.read(2 * MiB, MiB) == b"\x07" * MiB

@@ -8,15 +8,12 @@ import random
 import pytest
 import trio
 
-from tests.conftest import need_tools
 from tests.crash.powercut import Disk, PowerCut, PowerCutHost
-from tests.helpers import make_image, qemu_check_clean, run, sha256, vhdxfs
-from vhdxfs.engine.disk import VirtualDisk
+from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean, run, sha256, vhdxfs
+from vhdxfs.engine import check_image, create_child, resize
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.image import VhdxFile
 from vhdxfs.format import guids
-from vhdxfs.tools.check import check_image
-from vhdxfs.tools.differencing import create_child
-from vhdxfs.tools.resize import resize
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -60,7 +57,7 @@ def test_growing_past_the_bat_region_moves_the_bat_and_keeps_the_data(tmp_path):
     assert io.returncode == 0 and "verification failed" not in io.stdout, io.stdout
 
     async def ours() -> bytes:
-        async with await VirtualDisk.open(image, read_only=True) as disk:
+        async with await AsyncDisk.open(image, read_only=True) as disk:
             return bytes(await disk.read(0, 64 * MiB))
 
     assert trio.run(ours) == before.read_bytes()
@@ -72,25 +69,25 @@ async def test_growing_in_place_and_a_fixed_image(tmp_path):
     for kind in ("dynamic", "fixed"):
         path = make_image(tmp_path / f"{kind}.vhdx", 10 * MiB + 512, block_size=1 * MiB, disk_type=kind)
         data = random.Random(kind).randbytes(10 * MiB + 512)
-        async with await VirtualDisk.open(path) as disk:
+        async with await AsyncDisk.open(path) as disk:
             await disk.write(0, data)
         bat_before = bat_region(path)
         assert resize(path, 40 * MiB).new_size == 40 * MiB
         assert bat_region(path) == bat_before  # room enough: the BAT stays where it was
         assert qemu_size(path) == 40 * MiB
         qemu_check_clean(path)
-        async with await VirtualDisk.open(path, read_only=True) as disk:
+        async with await AsyncDisk.open(path, read_only=True) as disk:
             assert await disk.read(0, len(data)) == data
             assert await disk.read(len(data), 40 * MiB - len(data)) == bytes(40 * MiB - len(data))
             if kind == "fixed":  # LeaveBlockAllocated: the new blocks are allocated too
-                assert len(disk.bat.allocated_ranges()) == 40
+                assert len(on_disk(path).bat.allocated_ranges()) == 40
 
 
 async def test_shrinking_needs_the_flag_and_an_empty_tail(tmp_path):
     need_tools("qemu-img")
     path = make_image(tmp_path / "s.vhdx", 64 * MiB, block_size=1 * MiB)
     head = random.Random(1).randbytes(20 * MiB)
-    async with await VirtualDisk.open(path) as disk:
+    async with await AsyncDisk.open(path) as disk:
         await disk.write(0, head)
         await disk.write(40 * MiB, b"\x01" * 512)
     digest = sha256(path)
@@ -103,18 +100,18 @@ async def test_shrinking_needs_the_flag_and_an_empty_tail(tmp_path):
     assert result.returncode == 1 and "multiple of the logical sector size" in result.stderr
     assert sha256(path) == digest  # a refused resize writes nothing
 
-    async with await VirtualDisk.open(path) as disk:
+    async with await AsyncDisk.open(path) as disk:
         await disk.discard(40 * MiB, MiB)
     result = vhdxfs("resize", path, "32M", "--shrink")
     assert result.returncode == 0, result.stderr
     assert qemu_size(path) == 32 * MiB
     qemu_check_clean(path)
-    async with await VirtualDisk.open(path, read_only=True) as disk:
+    async with await AsyncDisk.open(path, read_only=True) as disk:
         assert disk.size == 32 * MiB
         assert await disk.read(0, len(head)) == head
     # Shrinking into a block is fine when what is cut off reads as zeros, and refused when it does not.
     assert resize(path, 20 * MiB + 4096, shrink=True).new_size == 20 * MiB + 4096
-    async with await VirtualDisk.open(path) as disk:
+    async with await AsyncDisk.open(path) as disk:
         await disk.write(20 * MiB + 2048, b"\x02" * 512)
     result = vhdxfs("resize", path, str(20 * MiB + 1024), "--shrink")
     assert result.returncode == 1 and f"virtual offset {20 * MiB + 2048}" in result.stderr, result.stderr
@@ -135,7 +132,7 @@ async def test_a_power_cut_anywhere_leaves_the_old_or_the_new_size(tmp_path, gro
     need_tools("qemu-img")
     path = make_image(tmp_path / "p.vhdx", 8 * MiB, block_size=1 * MiB)
     data = random.Random(3).randbytes(8 * MiB)
-    async with await VirtualDisk.open(path) as disk:
+    async with await AsyncDisk.open(path) as disk:
         await disk.write(0, data)
     original = path.read_bytes()
 
@@ -152,7 +149,7 @@ async def test_a_power_cut_anywhere_leaves_the_old_or_the_new_size(tmp_path, gro
     sizes = set()
     for cut in range(1, total + 1):
         path.write_bytes(run_to(cut, cut).survivor())
-        async with await VirtualDisk.open(path) as disk:  # replays the log, as any writable open
+        async with await AsyncDisk.open(path) as disk:  # replays the log, as any writable open
             sizes.add(disk.size)
             assert await disk.read(0, len(data)) == data, f"cut at {cut}"
             if disk.size > len(data):

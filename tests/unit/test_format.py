@@ -128,7 +128,7 @@ SIZES = [1 << k for k in range(20, 29)]
 
 
 def expected(virtual_size: int, block_size: int, sector: int, differencing: bool) -> dict[str, int]:
-    """DESIGN.md's formulas, written out independently of the code under test."""
+    """The formulas of docs/design.md ("BAT geometry"), written out independently of the code under test."""
     chunk_ratio = (2 ** 23 * sector) // block_size
     data_blocks = -(-virtual_size // block_size)
     bitmap_blocks = -(-data_blocks // chunk_ratio)

@@ -104,15 +104,16 @@ def test_an_empty_log_has_no_sequence():
     assert find_active_sequence(bytes(LOG), GUID) == []
 
 
-def test_the_log_writer_splits_big_commits_and_never_exceeds_half_the_log(tmp_path):
-    from vhdxfs.engine.hostfile import HostFile
+def test_the_log_writer_splits_big_commits_and_never_exceeds_half_the_log():
+    from vhdxfs.engine import MemoryFile
+    from vhdxfs.engine.headers import HeaderState
     from vhdxfs.engine.journal import LogWriter
+    from vhdxfs.format.header import Header
 
-    path = tmp_path / "f"
-    path.write_bytes(bytes(8 * MiB))
-    host = HostFile(path, writable=True)
-    writer = LogWriter(host, MiB, MiB)
-    writer.log_guid = GUID
+    host = MemoryFile(bytes(8 * MiB))
+    header = Header(sequence_number=1, file_write_guid=GUID, data_write_guid=GUID, log_guid=GUID,
+                    log_length=MiB, log_offset=MiB)
+    writer = LogWriter(host, HeaderState(host, header, 0, writable=True))
     pages = {4 * MiB + i * 4096: os.urandom(4096) for i in range(600)}
     writer.commit(pages, 8 * MiB)
     assert writer.entries_written >= 3

@@ -1,8 +1,9 @@
 """The write-back queue: a write is acknowledged once queued, and nothing that depends on it sees otherwise.
 
-WriteBack is tested on its own with a writer callable over a bytearray, and through HostFile, whose
-``pwrite`` the queue calls. Wherever a test needs a write to be certainly still queued, the writer waits on
-a threading.Event (its gate); ``wait_all_tasks_blocked`` tells when the task under test waits for it.
+WriteBack is tested on its own with a writer callable over a bytearray, and through AsyncHost (the daemon's
+StepIO), which queues payload writes for its HostIO's ``pwrite``. Wherever a test needs a write to be
+certainly still queued, the writer waits on a threading.Event (its gate); ``wait_all_tasks_blocked`` tells
+when the task under test waits for it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from vhdxfs.engine.hostfile import HostFile
-from vhdxfs.engine.writeback import GRANULE, WriteBack
+from vhdxfs.engine import PosixFile
+from vhdxfs.engine.aio.host import AsyncHost
+from vhdxfs.engine.aio.writeback import GRANULE, WriteBack
 from vhdxfs.errors import HostIOError
 
 TIMEOUT = 2  # seconds: a test that hits it has found a wait that never ends
@@ -256,12 +258,14 @@ async def test_close_applies_every_queued_write_before_it_returns(writer):
         writer.gate.set()
 
 
-# -- HostFile's use of the queue -------------------------------------------------------------------------------
-class GatedHost(HostFile):
-    """A real HostFile whose pwrite waits for ``gate``; ``log`` records the writes and syncs in order."""
+# -- AsyncHost's use of the queue ------------------------------------------------------------------------------
+class GatedHost(PosixFile):
+    """A real host file whose pwrite waits for ``gate``; ``log`` records the writes and syncs in order;
+    ``aio`` is the AsyncHost over it, as the daemon's engine uses it."""
 
     def __init__(self, path) -> None:
         super().__init__(path, writable=True, lock=False)
+        self.aio = AsyncHost(self)
         self.gate = threading.Event()
         self.gate.set()
         self.log: list[tuple] = []
@@ -299,15 +303,16 @@ def host(tmp_path):
     h = GatedHost(path)
     yield h
     h.gate.set()
+    h.aio.writeback.close()
     h.close()
 
 
 async def test_a_read_through_the_host_file_sees_a_write_still_queued(host):
     host.gate.clear()
-    await host.apwrite(4096, b"queued" * 100)
+    await host.aio.pwrite(4096, b"queued" * 100)
     assert host.log == []  # certainly still queued
     async with trio.open_nursery() as nursery:
-        read = await Background.start(nursery, host.apread, 4000, 800)  # overlaps the write's range
+        read = await Background.start(nursery, host.aio.pread, 4000, 800)  # overlaps the write's range
         assert not read.done, "the read did not wait for the queued write to its range"
         host.gate.set()
     assert read.result.unwrap() == bytes(96) + b"queued" * 100 + bytes(104)
@@ -315,61 +320,61 @@ async def test_a_read_through_the_host_file_sees_a_write_still_queued(host):
 
 async def test_a_read_of_a_range_without_queued_writes_does_not_wait_for_the_queue(host):
     host.gate.clear()
-    await host.apwrite(0, b"x" * 4096)
+    await host.aio.pwrite(0, b"x" * 4096)
     with trio.fail_after(TIMEOUT):
-        assert await host.apread(3 * GRANULE, 4096) == bytes(4096)  # past the granule the write is in
+        assert await host.aio.pread(3 * GRANULE, 4096) == bytes(4096)  # past the granule the write is in
     assert host.log == []
 
 
-async def test_afdatasync_returns_only_after_every_queued_write_reached_pwrite(host):
+async def test_fdatasync_returns_only_after_every_queued_write_reached_pwrite(host):
     host.gate.clear()
     for i in range(10):
-        await host.apwrite(i * 4096, bytes([i + 1]) * 4096)
+        await host.aio.pwrite(i * 4096, bytes([i + 1]) * 4096)
     async with trio.open_nursery() as nursery:
-        sync = await Background.start(nursery, host.afdatasync)
-        assert not sync.done, "afdatasync returned while writes were still queued"
+        sync = await Background.start(nursery, host.aio.fdatasync)
+        assert not sync.done, "fdatasync returned while writes were still queued"
         host.gate.set()
     sync.result.unwrap()
     assert host.log == [("pwrite", i * 4096, bytes([i + 1]) * 4096) for i in range(10)] + [("fdatasync",)]
 
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
-async def test_a_failed_write_is_raised_by_the_next_writes_and_once_by_afdatasync(host, err):
+async def test_a_failed_write_is_raised_by_the_next_writes_and_once_by_fdatasync(host, err):
     host.fail_at[0] = err
-    await host.apwrite(0, b"lost")  # acknowledged: the failure comes later
-    await host.writeback.settle()
+    await host.aio.pwrite(0, b"lost")  # acknowledged: the failure comes later
+    await host.aio.writeback.settle()
     for offset in (8, 16):
         with pytest.raises(HostIOError) as on_write:
-            await host.apwrite(offset, b"refused")
+            await host.aio.pwrite(offset, b"refused")
         assert on_write.value.errno == err
     with pytest.raises(HostIOError) as on_flush:
-        await host.afdatasync()
+        await host.aio.fdatasync()
     assert on_flush.value.errno == err
-    await host.afdatasync()  # reported once, as the page cache reports a writeback error
-    await host.apwrite(8, b"accepted")  # and writes go on
-    await host.afdatasync()
+    await host.aio.fdatasync()  # reported once, as the page cache reports a writeback error
+    await host.aio.pwrite(8, b"accepted")  # and writes go on
+    await host.aio.fdatasync()
     assert host.pread(0, 16) == bytes(8) + b"accepted"
 
 
 async def test_writes_queued_after_a_failed_one_still_reach_the_file(host):
     host.gate.clear()
     host.fail_at[0] = errno.EIO
-    await host.apwrite(0, b"a" * 512)
-    await host.apwrite(512, b"b" * 512)
+    await host.aio.pwrite(0, b"a" * 512)
+    await host.aio.pwrite(512, b"b" * 512)
     host.gate.set()
     with pytest.raises(HostIOError):
-        await host.afdatasync()
+        await host.aio.fdatasync()
     assert host.writes() == [512]
     assert host.pread(0, 1024) == bytes(512) + b"b" * 512
 
 
-async def test_a_failed_fdatasync_is_raised_by_afdatasync(host):
-    await host.apwrite(0, b"data")
+async def test_a_failed_fdatasync_is_raised_by_fdatasync(host):
+    await host.aio.pwrite(0, b"data")
     host.fail_sync = errno.EIO
     with pytest.raises(HostIOError) as raised:
-        await host.afdatasync()
+        await host.aio.fdatasync()
     assert raised.value.errno == errno.EIO
-    await host.afdatasync()
+    await host.aio.fdatasync()
     assert host.log[-1] == ("fdatasync",)
 
 
@@ -378,50 +383,50 @@ async def test_a_write_failing_after_a_flush_was_queued_is_reported_by_a_later_f
     host.fail_at[0] = errno.EIO  # a write before the flush fails...
     host.fail_at[4096] = errno.ENOSPC  # ...and so does one queued while the flush waits
     host.reached[4096] = threading.Event()
-    await host.apwrite(0, b"a" * 512)
+    await host.aio.pwrite(0, b"a" * 512)
     async with trio.open_nursery() as nursery:
-        first = await Background.start(nursery, host.afdatasync)
-        await host.apwrite(4096, b"b" * 512)  # accepted: the first failure is not known yet
+        first = await Background.start(nursery, host.aio.fdatasync)
+        await host.aio.pwrite(4096, b"b" * 512)  # accepted: the first failure is not known yet
         host.gate.set()
         assert host.reached[4096].wait(TIMEOUT)  # the trio thread stays here until the second write failed
     with pytest.raises(HostIOError):
         first.result.unwrap()
     assert host.pread(4096, 512) == bytes(512)  # the second write is lost...
     with pytest.raises(HostIOError):
-        await host.afdatasync()  # ...so the flush that covers it must not report success
+        await host.aio.fdatasync()  # ...so the flush that covers it must not report success
 
 
-async def test_a_cancelled_afdatasync_still_syncs_in_its_turn(host):
+async def test_a_cancelled_fdatasync_still_syncs_in_its_turn(host):
     host.gate.clear()
-    await host.apwrite(0, b"data")
+    await host.aio.pwrite(0, b"data")
     async with trio.open_nursery() as nursery:
-        sync = await Background.start(nursery, host.afdatasync)
+        sync = await Background.start(nursery, host.aio.fdatasync)
         sync.cancel_scope.cancel()
         await wait_all_tasks_blocked()
         assert sync.done and sync.result is None  # it stopped waiting
     host.gate.set()
-    await host.writeback.settle()
+    await host.aio.writeback.settle()
     assert host.log == [("pwrite", 0, b"data"), ("fdatasync",)]
 
 
-@pytest.mark.parametrize("method", ["apunch_hole", "awrite_zeros"])
+@pytest.mark.parametrize("method", ["punch_hole", "write_zeros"])
 async def test_zeroing_a_range_is_ordered_after_the_queued_writes_to_it(host, method):
     host.gate.clear()
-    await host.apwrite(64 * KiB, b"\xff" * 4096)
+    await host.aio.pwrite(64 * KiB, b"\xff" * 4096)
     async with trio.open_nursery() as nursery:
-        zeroing = await Background.start(nursery, getattr(host, method), 64 * KiB, 4096)
+        zeroing = await Background.start(nursery, getattr(host.aio, method), 64 * KiB, 4096)
         assert not zeroing.done
         host.gate.set()
-    if method == "apunch_hole" and zeroing.result.unwrap() is False:
+    if method == "punch_hole" and zeroing.result.unwrap() is False:
         pytest.skip("this file system cannot punch holes")
     assert host.pread(64 * KiB, 4096) == bytes(4096)  # the zeros, not the older write, are what stays
 
 
 async def test_shrinking_the_file_is_ordered_after_the_queued_writes_past_the_new_end(host):
     host.gate.clear()
-    await host.apwrite(512 * KiB, b"w" * 4096)
+    await host.aio.pwrite(512 * KiB, b"w" * 4096)
     async with trio.open_nursery() as nursery:
-        shrink = await Background.start(nursery, host.atruncate, 4096)
+        shrink = await Background.start(nursery, host.aio.truncate, 4096)
         assert not shrink.done
         host.gate.set()
     shrink.result.unwrap()
@@ -430,9 +435,9 @@ async def test_shrinking_the_file_is_ordered_after_the_queued_writes_past_the_ne
 
 async def test_growing_the_file_does_not_wait_for_the_queued_writes(host):
     host.gate.clear()
-    await host.apwrite(0, b"w" * 4096)
+    await host.aio.pwrite(0, b"w" * 4096)
     with trio.fail_after(TIMEOUT):
-        await host.atruncate(2 << 20)
+        await host.aio.truncate(2 << 20)
     assert host.size() == 2 << 20
     assert host.log == []
 
@@ -442,11 +447,11 @@ async def test_closing_the_host_file_applies_the_queued_writes_first(tmp_path):
     path.write_bytes(bytes(8192))
     h = GatedHost(path)
     h.gate.clear()
-    await h.apwrite(4096, b"kept" * 1024)
+    await h.aio.pwrite(4096, b"kept" * 1024)
     opener = threading.Timer(0.05, h.gate.set)  # close() blocks this thread: another opens the gate
     opener.start()
     try:
-        h.close()
+        await h.aio.close()
     finally:
         opener.cancel()
         h.gate.set()
@@ -456,11 +461,11 @@ async def test_closing_the_host_file_applies_the_queued_writes_first(tmp_path):
 async def test_a_read_only_host_file_has_no_queue_and_refuses_writes(tmp_path):
     path = tmp_path / "ro.img"
     path.write_bytes(bytes(4096))
-    h = HostFile(path, writable=False, lock=False)
+    h = AsyncHost(PosixFile(path, writable=False, lock=False))
     try:
         assert h.writeback is None
         with pytest.raises(HostIOError):
-            await h.apwrite(0, b"x")
-        await h.afdatasync()
+            await h.pwrite(0, b"x")
+        await h.fdatasync()
     finally:
-        h.close()
+        await h.close()

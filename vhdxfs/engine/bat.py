@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from array import array
 
-from ..errors import CorruptImageError
 from ..format.bat import (
     OFFSET_SHIFT,
     RESERVED_MASK,
@@ -20,7 +19,9 @@ from ..format.bat import (
     entry_state,
     make_entry,
 )
-from ..format.constants import HEADER_SECTION_SIZE, LOG_SECTOR_SIZE, MiB
+from ..format.constants import LOG_SECTOR_SIZE, MiB
+from .dirty import DirtySet
+from .spacemap import Span
 
 ENTRIES_PER_PAGE = LOG_SECTOR_SIZE // 8
 _ZERO_SCAN = 1 << 16  # entries per scan chunk
@@ -40,7 +41,7 @@ class BlockAllocationTable:
         self.entries.frombytes(raw[:count * 8])
         if sys.byteorder != "little":
             self.entries.byteswap()
-        self.dirty: set[int] = set()
+        self.dirty = DirtySet()  # page numbers
 
     # -- lookups ------------------------------------------------------------------------------------------
     def payload(self, block: int) -> tuple[int, int]:
@@ -75,11 +76,13 @@ class BlockAllocationTable:
         data = chunk.tobytes()
         return data + bytes(LOG_SECTOR_SIZE - len(data))
 
+    def pages_for(self, pages: set[int]) -> dict[int, bytes]:
+        """File offset -> contents of the given pages."""
+        return {self.region_offset + p * LOG_SECTOR_SIZE: self.page_bytes(p) for p in sorted(pages)}
+
     def take_dirty_pages(self) -> dict[int, bytes]:
         """Snapshot and clear the dirty pages: file offset -> page contents."""
-        pages = {self.region_offset + p * LOG_SECTOR_SIZE: self.page_bytes(p) for p in sorted(self.dirty)}
-        self.dirty.clear()
-        return pages
+        return self.pages_for(self.dirty.take())
 
     # -- iteration and validation -------------------------------------------------------------------------
     def notable(self):
@@ -117,33 +120,21 @@ class BlockAllocationTable:
         out.sort()
         return out
 
-    def validate(self, file_size: int, reserved: list[tuple[int, int, str]], path: object) -> None:
-        """Every entry has a known state and no reserved bits; blocks lie in the file, apart from structures
-        (``reserved``: (offset, length, name)) and from each other."""
+    def spans(self, exclude: dict[int, str] | None = None) -> list[Span]:
+        """The blocks that occupy file space, as SpaceMap spans (entries in ``exclude`` left out)."""
+        return [Span(offset, length, index) for offset, length, index in self.allocated_ranges()
+                if not exclude or index not in exclude]
+
+    def entry_problems(self, disk_type: str) -> dict[int, str]:
+        """BAT index -> why the entry itself is invalid: an unknown state, reserved bits set, or a state
+        only a differencing image may use."""
         g = self.geometry
+        bad: dict[int, str] = {}
         for index, e in self.notable():
-            state = entry_state(e)
-            is_bitmap = g.is_bitmap_index(index)
-            allowed = BITMAP_STATES if is_bitmap else PAYLOAD_STATES
-            if state not in allowed or (state == PayloadState.PARTIALLY_PRESENT and not g.has_parent) \
-                    or e & RESERVED_MASK:
-                raise CorruptImageError(f"BAT entry {index} (0x{e:016x}) has an invalid state or reserved bits",
-                                        path=path, field="BAT")
-            if is_bitmap and state == BitmapState.PRESENT and not g.has_parent:
-                raise CorruptImageError(f"BAT entry {index}: sector bitmap present in a non-differencing image",
-                                        path=path, field="BAT")
-        previous_end, previous_index = HEADER_SECTION_SIZE, None
-        spans = sorted(reserved)
-        for offset, length, index in self.allocated_ranges():
-            what = "sector bitmap" if g.is_bitmap_index(index) else f"payload block {g.block_of_index(index)}"
-            if offset < HEADER_SECTION_SIZE or offset + length > file_size:
-                raise CorruptImageError(f"BAT entry {index} ({what}) at {offset}+{length} lies outside the file "
-                                        f"({file_size} bytes)", path=path, field="BAT")
-            if offset < previous_end and previous_index is not None:
-                raise CorruptImageError(f"BAT entries {previous_index} and {index} overlap at {offset}",
-                                        path=path, field="BAT")
-            for r_off, r_len, name in spans:
-                if offset < r_off + r_len and r_off < offset + length:
-                    raise CorruptImageError(f"BAT entry {index} ({what}) at {offset} overlaps the {name}",
-                                            path=path, field="BAT")
-            previous_end, previous_index = offset + length, index
+            state, is_bitmap = entry_state(e), g.is_bitmap_index(index)
+            if state not in (BITMAP_STATES if is_bitmap else PAYLOAD_STATES) or e & RESERVED_MASK:
+                bad[index] = f"had an invalid state or reserved bits (0x{e:016x})"
+            elif not g.has_parent and ((is_bitmap and state == BitmapState.PRESENT)
+                                       or state == PayloadState.PARTIALLY_PRESENT and not is_bitmap):
+                bad[index] = f"had a differencing-only state in a {disk_type} image (0x{e:016x})"
+        return bad

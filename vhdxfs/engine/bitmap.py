@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..format.bat import BitmapState, Geometry
 from ..format.constants import LOG_SECTOR_SIZE, SECTOR_BITMAP_BLOCK_SIZE
+from .dirty import DirtySet
 
 _FULL = 0xFF
 
@@ -62,7 +63,7 @@ class SectorBitmaps:
         self._read_block = read_block  # (file offset) -> 1 MiB of bytes
         self.blocks: dict[int, bytearray] = {}
         self.offsets: dict[int, int] = {}
-        self.dirty: set[tuple[int, int]] = set()  # (chunk, page)
+        self.dirty = DirtySet()  # (chunk, page)
 
     def load(self, chunk: int, state: int, file_offset: int) -> bytearray:
         bits = self.blocks.get(chunk)
@@ -94,11 +95,11 @@ class SectorBitmaps:
             for page in range(first_bit // (8 * LOG_SECTOR_SIZE), (first_bit + count - 1) // (8 * LOG_SECTOR_SIZE) + 1):
                 self.dirty.add((chunk, page))
 
-    def take_dirty_pages(self) -> dict[int, bytes]:
+    def pages_for(self, keys: set[tuple[int, int]]) -> dict[int, bytes]:
+        """File offset -> contents of the given (chunk, page) pages."""
         pages = {}
-        for chunk, page in sorted(self.dirty):
+        for chunk, page in sorted(keys):
             if chunk in self.offsets:
                 start = page * LOG_SECTOR_SIZE
                 pages[self.offsets[chunk] + start] = bytes(self.blocks[chunk][start:start + LOG_SECTOR_SIZE])
-        self.dirty.clear()
         return pages

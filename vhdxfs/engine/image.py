@@ -1,12 +1,17 @@
 """One VHDX file opened: headers, region table, log replay, metadata and BAT, all validated.
 
-This is the synchronous core shared by the async VirtualDisk (which runs it in a worker thread) and the
-offline tools. Header updates (2.2.2.1) live here too, since only the file as a whole knows its headers.
+The one loader of the project. A strict open (the default) refuses a damaged image with the first error
+it finds, as every user of an image but repair must. A lenient open (``lenient=True``, for check and
+repair) walks the same structures in the same order but keeps going where it can: a damaged header or
+region table copy, copies that disagree, and BAT entries that are invalid or misplaced are collected in
+``observations`` and ``bad_entries`` instead; what no step can do without (no valid header, no usable
+region table, damaged metadata, a log that cannot be replayed) still raises. A lenient open writes
+nothing, not even on a writable host: its log is replayed in memory until ``apply_log``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 
 from ..errors import CorruptImageError, VhdxError
@@ -25,35 +30,41 @@ from ..format.header import Header, check_file_identifier, current_header
 from ..format.region import RegionTable
 from . import journal
 from .bat import BlockAllocationTable
-from .hostfile import HostFile
-
-HostFactory = Callable[..., HostFile]
+from .headers import HeaderState
+from .hostio import HostFactory, HostIO, PosixFile
+from .spacemap import SpaceMap, Span
 
 
 class VhdxFile:
     """The parsed structures of one image file and the host file they came from."""
 
-    def __init__(self, host: HostFile, *, read_only: bool) -> None:
+    def __init__(self, host: HostIO, *, read_only: bool, lenient: bool = False) -> None:
         self.host = host
         self.path = host.path
         self.read_only = read_only
+        self.lenient = lenient
         self.overlay: journal.Overlay | None = None
+        self.log_entries: list = []
         self.replayed_entries = 0
-        self.header_index = 0
-        self.header: Header
+        self.headers: HeaderState
         self.regions: RegionTable
+        self.region_table_copy = 0  # which copy (0 or 1) the open uses
         self.metadata: mdfmt.Metadata
         self.geometry: Geometry
         self.bat: BlockAllocationTable
         self.creator = ""
+        self.observations: list[tuple[str, str]] = []  # (what: header|region-table, message), non-fatal
+        self.bad_entries: dict[int, str] = {}  # lenient opens: BAT index -> what is wrong with it
 
     # -- opening ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, read_only: bool = False, host_factory: HostFactory = HostFile) -> VhdxFile:
+    def open(cls, path: str | Path, *, read_only: bool = False, lenient: bool = False,
+             host_factory: HostFactory = PosixFile, data_write_guid: uuid.UUID | None = None) -> VhdxFile:
+        """Open and validate ``path``; ``data_write_guid``: the DataWriteGuid the first write sets (commit)."""
         host = host_factory(path, writable=not read_only)
         try:
-            image = cls(host, read_only=read_only)
-            image._load()
+            image = cls(host, read_only=read_only, lenient=lenient)
+            image._load(data_write_guid)
             return image
         except VhdxError as exc:
             host.close()
@@ -62,36 +73,83 @@ class VhdxFile:
             host.close()
             raise
 
-    def _load(self) -> None:
+    @property
+    def header(self) -> Header:
+        return self.headers.header
+
+    def _load(self, data_write_guid: uuid.UUID | None) -> None:
         host = self.host
         size = host.size()
         self.creator = check_file_identifier(host.pread(0, 520))
         if size < HEADER_SECTION_SIZE:
             raise CorruptImageError(f"file is {size} bytes, smaller than the 1 MiB header section",
                                     field="FileTypeIdentifier")
-        self.header_index, self.header = current_header(host.pread(HEADER_OFFSETS[0], HEADER_SIZE),
-                                                        host.pread(HEADER_OFFSETS[1], HEADER_SIZE))
-        self.header.validate(size)
-        entries = journal.read_active_sequence(host, self.header)
-        self.replayed_entries = len(entries)
-        if self.read_only:
-            self.overlay = journal.replay_into_overlay(entries) if entries else None
+        index, header = self._choose_header()
+        header.validate(size)
+        self.headers = HeaderState(host, header, index, writable=not self.read_only,
+                                   data_write_guid=data_write_guid)
+        self.log_entries = journal.read_active_sequence(host, header)
+        self.replayed_entries = len(self.log_entries)
+        if self.read_only or self.lenient:
+            self.overlay = journal.replay_into_overlay(self.log_entries) if self.log_entries else None
         else:
-            # 2.2.2.1: the headers change (new FileWriteGuid) before anything else in the file, replay included.
-            self.update_header(file_write_guid=guids.new_guid())
-            if not self.header.log_is_empty:
-                journal.replay_into_file(host, entries)
-                self.update_header(log_guid=guids.NULL_GUID)
+            self.apply_log()
         self._load_structures()
+
+    def _choose_header(self) -> tuple[int, Header]:
+        raw = [self.host.pread(off, HEADER_SIZE) for off in HEADER_OFFSETS]
+        decoded = [Header.decode(r) for r in raw]
+        valid = [(i, h) for i, h in enumerate(decoded) if h is not None]
+        for i, h in enumerate(decoded):
+            if h is None and valid:
+                self.observations.append(("header", f"header {i + 1} is damaged; the other one is in use"))
+        if len(valid) == 2 and decoded[0].sequence_number == decoded[1].sequence_number \
+                and decoded[0] != decoded[1]:
+            if not self.lenient:
+                current_header(*raw)  # raises: which header is current cannot be told
+            self.observations.append(("header", "the headers differ at the same sequence number"))
+        if not self.lenient or not valid:
+            return current_header(*raw)
+        return max(valid, key=lambda item: (item[1].sequence_number, -item[0]))
+
+    def apply_log(self) -> None:
+        """Writable opens: the file gets a new FileWriteGuid (2.2.2.1: before anything else changes), a
+        dirty log is replayed into it and LogGuid cleared; the in-memory overlay is no longer needed."""
+        self.headers.begin_file_writes()
+        if self.headers.log_guid is not None:
+            journal.replay_into_file(self.host, self.log_entries)
+            self.headers.close_log()
+        self.overlay = None
+
+    def _choose_region_table(self, size: int) -> RegionTable:
+        tables = [RegionTable.decode(self.read_meta(off, REGION_TABLE_SIZE)) for off in REGION_TABLE_OFFSETS]
+        for i, table in enumerate(tables):
+            if table is None:
+                self.observations.append(("region-table", f"region table copy {i + 1} is damaged"))
+        if all(tables) and tables[0] != tables[1]:
+            self.observations.append(("region-table", "the two region table copies differ"))
+        reasons = []
+        for i, table in enumerate(tables):
+            if table is None:
+                continue
+            try:
+                table.validate(size)
+            except VhdxError as exc:
+                if not self.lenient:
+                    raise
+                reasons.append(f"region table copy {i + 1}: {exc}")
+                self.observations.append(("region-table", reasons[-1]))
+                continue
+            self.region_table_copy = i
+            return table
+        if not reasons:
+            raise CorruptImageError("both region tables are damaged (bad signature or checksum)",
+                                    field="RegionTable")
+        raise CorruptImageError("no usable region table: " + "; ".join(reasons), field="RegionTable")
 
     def _load_structures(self) -> None:
         size = self.file_size()
-        tables = [RegionTable.decode(self.read_meta(off, REGION_TABLE_SIZE)) for off in REGION_TABLE_OFFSETS]
-        regions = next((t for t in tables if t is not None), None)
-        if regions is None:
-            raise CorruptImageError("both region tables are damaged (bad signature or checksum)",
-                                    field="RegionTable")
-        regions.validate(size)
+        regions = self._choose_region_table(size)
         log_end = self.header.log_offset + self.header.log_length
         for e in regions.entries:
             if e.file_offset < log_end and self.header.log_offset < e.end:
@@ -108,7 +166,12 @@ class VhdxFile:
                                     f"{self.geometry.total_entries} entries", field="RegionTable.Length")
         raw = self.read_meta(bat_region.file_offset, self.geometry.bat_bytes)
         self.bat = BlockAllocationTable(self.geometry, raw, bat_region.file_offset)
-        self.bat.validate(size, self.reserved_spans(), self.path)
+        bad = self.bat.entry_problems(self.disk_type)
+        bad.update(self.space_map(exclude=bad).problems())
+        if bad and not self.lenient:
+            index = min(bad)
+            raise CorruptImageError(f"BAT entry {index} {bad[index]}", path=self.path, field="BAT")
+        self.bad_entries = bad
 
     # -- structure I/O ------------------------------------------------------------------------------------
     def file_size(self) -> int:
@@ -126,24 +189,18 @@ class VhdxFile:
             return bytes(buf)
         return data
 
-    def reserved_spans(self) -> list[tuple[int, int, str]]:
-        spans = [(0, HEADER_SECTION_SIZE, "header section"),
-                 (self.header.log_offset, self.header.log_length, "log")]
+    def structures(self) -> list[Span]:
+        """The header section, the log and the regions, as spans of the file."""
+        spans = [Span(0, HEADER_SECTION_SIZE, None, "header section"),
+                 Span(self.header.log_offset, self.header.log_length, None, "log")]
         for e in self.regions.entries:
-            spans.append((e.file_offset, e.length, "BAT region" if e.guid == guids.BAT_REGION else
-                          "metadata region" if e.guid == guids.METADATA_REGION else f"region {e.guid}"))
+            spans.append(Span(e.file_offset, e.length, None, "BAT region" if e.guid == guids.BAT_REGION else
+                              "metadata region" if e.guid == guids.METADATA_REGION else f"region {e.guid}"))
         return spans
 
-    def update_header(self, **changes: object) -> None:
-        """2.2.2.1: write the next header over the non-current one, flush, and do it again so both agree."""
-        if self.read_only:
-            raise VhdxError("internal: header update on a read-only open", path=self.path)
-        for _ in range(2):
-            new = self.header.next(**changes)
-            slot = 1 - self.header_index
-            self.host.pwrite(HEADER_OFFSETS[slot], new.encode())
-            self.host.fdatasync()
-            self.header, self.header_index = new, slot
+    def space_map(self, exclude: dict[int, str] | None = None) -> SpaceMap:
+        """Structures and allocated blocks of the file (BAT entries in ``exclude`` left out)."""
+        return SpaceMap(self.file_size(), self.structures(), self.bat.spans(exclude))
 
     @property
     def is_differencing(self) -> bool:

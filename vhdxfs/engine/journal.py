@@ -1,6 +1,6 @@
 """The VHDX log at work: replay on open (into the file, or into an in-memory overlay) and the log writer.
 
-Order of a metadata change (shared/DESIGN.md): payload data is durable first, then the changed 4 KiB
+Order of a metadata change (docs/design.md): payload data is durable first, then the changed 4 KiB
 metadata pages go into a log entry that is made durable, and only then are the pages written to their
 final place. Each entry we write is a sequence of its own (its tail points to itself), because before
 writing it we make the previous entry's pages durable with the same fdatasync that covers payload data.
@@ -10,14 +10,14 @@ before it: replay then finds that previous entry and rewrites pages that already
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 
 from ..errors import CorruptImageError, VhdxError
 from ..format import log as logfmt
 from ..format.constants import HEADER_OFFSETS, HEADER_SIZE, LOG_SECTOR_SIZE, MiB, TiB
 from ..format.header import Header
-from .hostfile import HostFile
+from .headers import HeaderState
+from .hostio import HostIO
 
 # No VHDX file is larger than its payload (64 TiB at most) plus metadata; refuse logs that claim more.
 MAX_FILE_OFFSET = 128 * TiB
@@ -74,7 +74,7 @@ def _check_sequence(entries: list[logfmt.LogEntry], header: Header, file_size: i
                                         path=path, field="LogDescriptor.FileOffset")
 
 
-def read_active_sequence(host: HostFile, header: Header) -> list[logfmt.LogEntry]:
+def read_active_sequence(host: HostIO, header: Header) -> list[logfmt.LogEntry]:
     """The entries to replay, validated; [] when the log is empty or holds no valid sequence."""
     if header.log_is_empty:
         return []
@@ -85,7 +85,7 @@ def read_active_sequence(host: HostFile, header: Header) -> list[logfmt.LogEntry
     return entries
 
 
-def replay_into_file(host: HostFile, entries: list[logfmt.LogEntry]) -> None:
+def replay_into_file(host: HostIO, entries: list[logfmt.LogEntry]) -> None:
     """Write every update of the active sequence to its place, extend the file, make it durable."""
     for entry in entries:
         for d in entry.descriptors:
@@ -110,11 +110,11 @@ def replay_into_overlay(entries: list[logfmt.LogEntry]) -> Overlay:
 class LogWriter:
     """Writes metadata pages through the log. Not reentrant: the engine holds its commit lock around it."""
 
-    def __init__(self, host: HostFile, log_offset: int, log_length: int) -> None:
+    def __init__(self, host: HostIO, headers: HeaderState) -> None:
         self.host = host
-        self.log_offset = log_offset
-        self.log_length = log_length
-        self.log_guid: uuid.UUID | None = None
+        self.headers = headers  # the LogGuid of the entries is the one in the headers
+        self.log_offset = headers.header.log_offset
+        self.log_length = log_length = headers.header.log_length
         self.sequence_number = 0
         self.head = 0
         self.entries_written = 0
@@ -133,9 +133,10 @@ class LogWriter:
         """Make ``pages`` (file offset -> 4 KiB) durable through the log and write them in place.
 
         Precondition: everything the pages refer to (payload data, the file's size, the pages of an earlier
-        entry) is durable already, and the header carries ``self.log_guid``.
+        entry) is durable already, and the headers carry a LogGuid (HeaderState.open_log).
         """
-        assert self.log_guid is not None
+        log_guid = self.headers.log_guid
+        assert log_guid is not None
         items = sorted(pages.items())
         per_entry = self.max_pages_per_entry
         flushed = file_size // MiB * MiB
@@ -146,7 +147,7 @@ class LogWriter:
             length = logfmt.entry_size(len(group))
             if self.head + length > self.log_length:
                 self.head = 0
-            entry = logfmt.encode_entry(sequence_number=self.sequence_number, tail=self.head, log_guid=self.log_guid,
+            entry = logfmt.encode_entry(sequence_number=self.sequence_number, tail=self.head, log_guid=log_guid,
                                         flushed_file_offset=flushed, last_file_offset=last, writes=group)
             self.host.pwrite(self.log_offset + self.head, entry)
             self.host.fdatasync()

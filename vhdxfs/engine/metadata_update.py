@@ -1,9 +1,9 @@
 """Offline structure changes written through the log: region tables, metadata items, BAT pages.
 
-VirtualDisk journals only BAT and sector bitmap pages. The offline tools (resize, commit, compact,
+The engine (core.py) journals only BAT and sector bitmap pages. The offline tools (resize, commit, compact,
 repair) change structures it never touches, and must leave an image that opens cleanly after a crash at
-any instant, just as the engine does. They follow the same order as VirtualDisk.flush/close
-(shared/DESIGN.md): LogGuid goes into the header before the first log entry; each entry is durable before
+any instant, just as the engine does. They follow the same order as the engine's flush and close
+(docs/design.md): LogGuid goes into the header before the first log entry; each entry is durable before
 its pages are written in place; once those pages are durable, LogGuid is cleared.
 
 A change whose parts must take effect together (a new region table with the new disk size, a parent
@@ -73,37 +73,34 @@ def changed_pages(offset: int, old: bytes, new: bytes) -> dict[int, bytes]:
 class LoggedUpdate:
     """One offline change of an image opened writable (``VhdxFile.open``), as a context manager.
 
-    Entering writes LogGuid (and a new DataWriteGuid when the virtual disk's contents or shape change,
-    2.2.2.1) into the headers; leaving without an error makes everything durable and clears LogGuid. An
-    error after the first entry leaves LogGuid set: the next open replays what was logged, which is safe
-    because every entry on its own leaves the image consistent.
+    Entering sets a new DataWriteGuid when asked (the virtual disk's contents or shape change, 2.2.2.1),
+    then LogGuid, through the image's HeaderState; leaving without an error makes everything durable and
+    clears LogGuid. An error after the first entry leaves LogGuid set: the next open replays what was
+    logged, which is safe because every entry on its own leaves the image consistent.
     """
 
-    def __init__(self, image: VhdxFile, *, new_data_write_guid: uuid.UUID | bool = False) -> None:
+    def __init__(self, image: VhdxFile, *, new_data_write_guid: bool = False) -> None:
         if image.read_only:
             raise VhdxError("internal: a logged update needs a writable open", path=image.path)
         self.image = image
         self.new_data_write_guid = new_data_write_guid
-        self.writer = LogWriter(image.host, image.header.log_offset, image.header.log_length)
+        self.writer = LogWriter(image.host, image.headers)
 
     def __enter__(self) -> LoggedUpdate:
-        changes: dict[str, object] = {"log_guid": guids.new_guid()}
-        if self.new_data_write_guid is True:
-            changes["data_write_guid"] = guids.new_guid()
-        elif isinstance(self.new_data_write_guid, uuid.UUID):
-            changes["data_write_guid"] = self.new_data_write_guid
         self.image.host.fdatasync()  # whatever the entries will refer to is durable first
-        self.image.update_header(**changes)
-        self.writer.log_guid = self.image.header.log_guid
+        self.image.headers.begin_file_writes()
+        if self.new_data_write_guid:
+            self.image.headers.begin_data_writes()
+        self.image.headers.open_log()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.image.host.fdatasync()
-            self.image.update_header(log_guid=guids.NULL_GUID)
+            self.image.headers.close_log()
         elif not self.writer.entries_written:
             try:  # nothing was logged: leave the image clean if the host still lets us
-                self.image.update_header(log_guid=guids.NULL_GUID)
+                self.image.headers.close_log()
             except VhdxError:
                 pass
         # else: the log holds complete entries and the next open replays them.

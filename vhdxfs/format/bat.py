@@ -42,7 +42,7 @@ def entry_offset(entry: int) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The numbers derived from block size, logical sector size and virtual size (DESIGN.md, 2.4-2.5)."""
+    """The numbers derived from block size, logical sector size and virtual size (docs/design.md, 2.4-2.5)."""
 
     virtual_size: int
     block_size: int

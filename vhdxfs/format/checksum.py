@@ -7,10 +7,6 @@ import struct
 import crc32c as _crc32c
 
 
-def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    return _crc32c.crc32c(data, value)
-
-
 def checksum_with_zeroed_field(data: bytes | bytearray | memoryview, field_offset: int) -> int:
     """CRC-32C of ``data`` as if its 4-byte checksum field at ``field_offset`` were zero."""
     view = memoryview(data)

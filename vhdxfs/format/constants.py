@@ -9,7 +9,6 @@ TiB = 1 << 40
 
 # Header section (2.2): five 64 KiB items in the first 1 MiB.
 HEADER_SECTION_SIZE = 1 * MiB
-FILE_IDENTIFIER_OFFSET = 0
 HEADER_OFFSETS = (64 * KiB, 128 * KiB)
 HEADER_SIZE = 4 * KiB
 REGION_TABLE_OFFSETS = (192 * KiB, 256 * KiB)

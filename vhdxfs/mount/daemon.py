@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ..engine.disk import VirtualDisk
+from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
 from .mounts import normalize
 from .notify import sd_notify
@@ -117,11 +117,11 @@ def fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
-async def open_disks(config: MountConfig) -> list[VirtualDisk]:
-    disks: list[VirtualDisk] = []
+async def open_disks(config: MountConfig) -> list[AsyncDisk]:
+    disks: list[AsyncDisk] = []
     try:
         for image in config.images:
-            disks.append(await VirtualDisk.open(image, read_only=config.read_only, parent=config.parent))
+            disks.append(await AsyncDisk.open(image, read_only=config.read_only, parent=config.parent))
     except BaseException:
         with trio.CancelScope(shield=True):
             await close_disks(disks)
@@ -129,7 +129,7 @@ async def open_disks(config: MountConfig) -> list[VirtualDisk]:
     return disks
 
 
-async def close_disks(disks: list[VirtualDisk]) -> None:
+async def close_disks(disks: list[AsyncDisk]) -> None:
     for disk in disks:
         try:
             await disk.close()

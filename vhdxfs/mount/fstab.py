@@ -3,14 +3,11 @@
     /srv/vm/disk.vhdx  /srv/vm/raw  fuse.vhdxfs  allow_other,nofail  0 0
 
 mount(8) calls ``mount.fuse.vhdxfs SOURCE TARGET -o OPTIONS``; SOURCE may list several images separated by
-colons. Options meant for mount(8) or systemd (defaults, noauto, x-systemd.*, ...) are dropped.
+colons. Options meant for mount(8) or systemd (defaults, noauto, x-systemd.*, ...) are dropped. The entry
+point itself is ``vhdxfs.cli.mount_helper``, which runs the translated command line.
 """
 
 from __future__ import annotations
-
-import sys
-
-from .. import cli
 
 DROPPED = {"defaults", "rw", "noauto", "auto", "nofail", "_netdev", "user", "users", "nouser", "owner",
            "noatime", "relatime", "atime", "strictatime", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
@@ -39,11 +36,3 @@ def translate(argv: list[str]) -> list[str]:
     if kept:
         out += ["-o", ",".join(kept)]
     return out + source.split(":") + [target]
-
-
-def main() -> int:
-    return cli.main(translate(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

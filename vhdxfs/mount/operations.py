@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyfuse3
 
-from ..engine.disk import VirtualDisk
+from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
 
 log = logging.getLogger("vhdxfs.mount")
@@ -34,7 +34,7 @@ def raw_name(image: str | os.PathLike) -> str:
 class RawFile:
     """One image as a file: its inode, name and disk, and whether it has writes not yet flushed."""
 
-    def __init__(self, inode: int, name: str, disk: VirtualDisk) -> None:
+    def __init__(self, inode: int, name: str, disk: AsyncDisk) -> None:
         self.inode = inode
         self.name = name
         self.disk = disk
@@ -75,7 +75,7 @@ class RawFilesOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, disks: list[VirtualDisk], *, read_only: bool, uid: int, gid: int,
+    def __init__(self, disks: list[AsyncDisk], *, read_only: bool, uid: int, gid: int,
                  direct_io: bool = True) -> None:
         super().__init__()
         self.read_only = read_only

@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import trio
-
-from ..engine.disk import VirtualDisk
+from ..engine import Disk, ImageSpec, Kind, create_image
 from ..errors import HostIOError, UsageError, VhdxError
-from ..sizes import format_size
-from .create import ImageSpec, write_new_image
+from ..sizes import format_size, parse_size
 from .progress import progress
 
 CHUNK = 4 << 20
@@ -47,7 +44,7 @@ class RawSource:
                 return self.size
             return pos  # SEEK_DATA unsupported: treat everything as data
 
-    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
         pos = 0
         while pos < self.size:
             pos = self._next_data(pos)
@@ -60,64 +57,68 @@ class RawSource:
             end = min(hole, self.size)
             while pos < end:
                 n = min(CHUNK, end - pos)
-                data = await trio.to_thread.run_sync(os.pread, self.fd, n, pos)
+                data = os.pread(self.fd, n, pos)
                 yield pos, data
                 pos += n
 
-    async def close(self) -> None:
+    def close(self) -> None:
         os.close(self.fd)
 
 
 class VhdxSource:
-    def __init__(self, disk: VirtualDisk) -> None:
+    """A VHDX disk (through its whole parent chain) read in chunks, only where some layer holds data."""
+
+    def __init__(self, disk: Disk) -> None:
         self.disk = disk
         self.size = disk.size
         self.path = disk.path
 
-    async def chunks(self) -> AsyncIterator[tuple[int, bytes]]:
-        for voff, n in await self.disk.data_runs(0, self.size):
-            for pos in range(voff, voff + n, CHUNK):
-                yield pos, await self.disk.read(pos, min(CHUNK, voff + n - pos))
+    def chunks(self) -> Iterator[tuple[int, bytes]]:
+        for extent in self.disk.extents():
+            if extent.kind != Kind.DATA:
+                continue  # zeros or a hole: nothing to write
+            end = extent.offset + extent.length
+            for pos in range(extent.offset, end, CHUNK):
+                yield pos, bytes(self.disk.read(pos, min(CHUNK, end - pos)))
 
-    async def close(self) -> None:
-        await self.disk.close()
+    def close(self) -> None:
+        self.disk.close()
 
 
-async def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | None = None,
-                  parent: str | None = None) -> int:
+def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | None = None,
+            parent: str | None = None) -> int:
     """Copy the virtual contents of ``src`` into a new ``dst``; returns the bytes of data written."""
     if Path(dst).exists():
         raise VhdxError("already exists; remove it first or pick another name", path=dst)
-    source = VhdxSource(await VirtualDisk.open(src, read_only=True, parent=parent)) if is_vhdx(src) else RawSource(src)
+    source = VhdxSource(Disk.open(src, read_only=True, parent=parent)) if is_vhdx(src) else RawSource(src)
     written = 0
     try:
         if is_vhdx(dst):
             if source.size == 0:
                 raise UsageError("source is empty; a VHDX disk cannot have size 0", path=src)
-            await trio.to_thread.run_sync(write_new_image, dst, ImageSpec(source.size, disk_type=disk_type,
-                                                                           block_size=block_size))
-            target = await VirtualDisk.open(dst)
-            write = target.write
+            create_image(dst, ImageSpec(source.size, disk_type=disk_type, block_size=block_size))
+            target = Disk.open(dst)
+            write: Callable[[int, bytes], object] = target.write
         else:
             target = None
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             os.ftruncate(fd, source.size)
 
-            async def write(pos: int, data: bytes) -> None:
-                await trio.to_thread.run_sync(os.pwrite, fd, data, pos)
+            def write(pos: int, data: bytes) -> None:
+                os.pwrite(fd, data, pos)
         try:
             with progress(source.size, f"converting {Path(src).name}") as bar:
                 done = 0
-                async for pos, data in source.chunks():
+                for pos, data in source.chunks():
                     if data.count(0) != len(data):
-                        await write(pos, data)
+                        write(pos, data)
                         written += len(data)
                     bar.update(pos + len(data) - done)
                     done = pos + len(data)
                 bar.update(source.size - done)
         finally:
             if target is not None:
-                await target.close()
+                target.close()
             else:
                 os.fsync(fd)
                 os.close(fd)
@@ -125,7 +126,7 @@ async def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: in
         Path(dst).unlink(missing_ok=True)
         raise
     finally:
-        await source.close()
+        source.close()
     return written
 
 
@@ -142,9 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sizes import parse_size
-
     block_size = parse_size(args.block_size, "--block-size") if args.block_size else None
-    written = trio.run(convert, args.src, args.dst, args.type, block_size, args.parent)
+    written = convert(args.src, args.dst, args.type, block_size, args.parent)
     print(f"converted {args.src} -> {args.dst} ({format_size(written)} of data)")
     return 0

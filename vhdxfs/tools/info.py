@@ -4,70 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
-import trio
-
-from ..engine.disk import VirtualDisk
-from ..engine.image import VhdxFile
-from ..errors import VhdxError
+from ..engine import describe
 from ..sizes import format_size
-
-
-def parent_chain(path: str, parent: str | None = None) -> list[str]:
-    """The parents of a differencing image, nearest first (opened read-only, never written)."""
-
-    async def walk() -> list[str]:
-        disk = await VirtualDisk.open(path, read_only=True, parent=parent)
-        try:
-            return [str(p) for p in disk.chain()[1:]]
-        finally:
-            await disk.close()
-
-    return trio.run(walk)
-
-
-def describe(path: str, parent: str | None = None) -> dict[str, Any]:
-    """Facts about the image as a JSON-ready dict."""
-    image = VhdxFile.open(path, read_only=True)
-    try:
-        m, h = image.metadata, image.header
-        st = os.stat(path)
-        info: dict[str, Any] = {
-            "filename": str(path),
-            "format": "vhdx",
-            "type": image.disk_type,
-            "virtual-size": m.virtual_size,
-            "actual-size": st.st_blocks * 512,
-            "file-size": st.st_size,
-            "allocated-bytes": sum(n for _o, n, _i in image.bat.allocated_ranges()),
-            "block-size": m.block_size,
-            "logical-sector-size": m.logical_sector_size,
-            "physical-sector-size": m.physical_sector_size,
-            "virtual-disk-id": str(m.virtual_disk_id),
-            "file-write-guid": str(h.file_write_guid),
-            "data-write-guid": str(h.data_write_guid),
-            "log-guid": str(h.log_guid),
-            "log-offset": h.log_offset,
-            "log-length": h.log_length,
-            "log-state": "clean" if h.log_is_empty else f"dirty ({image.replayed_entries} entries to replay)",
-            "log-dirty": not h.log_is_empty,
-            "log-entries-to-replay": image.replayed_entries,
-            "header-sequence-number": h.sequence_number,
-            "creator": image.creator,
-        }
-        if m.has_parent and m.parent_locator is not None:
-            info["parent-locator"] = dict(m.parent_locator.entries)
-    finally:
-        image.close()
-    info["parents"] = []  # the parent chain, nearest first; empty for a dynamic or fixed image
-    if info["type"] == "differencing":
-        try:
-            info["parents"] = parent_chain(path, parent)
-        except VhdxError as exc:
-            info["parent-error"] = str(exc)
-    return info
 
 
 def format_human(info: dict[str, Any]) -> str:

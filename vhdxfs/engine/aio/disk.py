@@ -1,0 +1,97 @@
+"""AsyncDisk: the engine for trio callers (the FUSE daemon, the NBD server, the library's async form).
+
+The same steps as the synchronous Disk (core.py), driven by ``drive``: each operation a step yields is
+awaited on the layer's AsyncHost (host.py). Opening (parsing, log replay, finding parents) is blocking
+work and runs in a worker thread. Concurrent calls are fine: steps take the engine's locks (allocation,
+commit) as trio locks, and translation needs none.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+
+import trio
+
+from ..core import DiskCore
+from ..disk import DiskFacts
+from ..hostio import HostFactory, PosixFile
+from ..steps import Step
+from ..translate import Extent
+from .host import AsyncHost
+
+
+async def drive(step: Step):
+    """Run ``step`` to its end, awaiting each operation it yields; errors are thrown back into it."""
+    try:
+        op = step.send(None)
+        while True:
+            try:
+                result = await op[0](*op[1:])
+            except BaseException as exc:  # thrown back so the step's own clean-up (locks) runs
+                op = step.throw(exc)
+            else:
+                op = step.send(result)
+    except StopIteration as stop:
+        return stop.value
+
+
+class AsyncDisk(DiskFacts):
+    """One image (and its parents), for trio; create with ``await AsyncDisk.open(path)``."""
+
+    def __init__(self, core: DiskCore) -> None:
+        core.attach(AsyncHost)
+        self._core = core
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike, *, read_only: bool = False,
+                   parent: str | os.PathLike | None = None, host_factory: HostFactory = PosixFile,
+                   data_write_guid: uuid.UUID | None = None) -> AsyncDisk:
+        """As Disk.open (engine/disk.py), with the blocking work in a worker thread."""
+        core = await trio.to_thread.run_sync(functools.partial(
+            DiskCore.open, path, read_only=read_only, parent=parent, host_factory=host_factory,
+            data_write_guid=data_write_guid))
+        return cls(core)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        core = self._core
+        where = core.locate(offset, length)
+        if where >= 0:  # the common case, without the step machinery: same lookup, same host read
+            buf = bytearray(length)
+            await core.io.pread_into(where, memoryview(buf))
+            return buf
+        return await drive(core.read(offset, length))
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Acknowledged once queued; durable after the next flush (README, "Durability")."""
+        await drive(self._core.write(offset, data))
+
+    async def discard(self, offset: int, length: int) -> None:
+        """The range reads as zeros (never as a parent's data); whole blocks give their space back."""
+        await drive(self._core.write_zeroes(offset, length, True))
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        await drive(self._core.write_zeroes(offset, length, unmap))
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        if length is None:
+            length = self.size - offset
+        return await drive(self._core.extents(offset, length))
+
+    async def flush(self) -> None:
+        await drive(self._core.flush())
+
+    async def close(self) -> None:
+        """Flush, apply the log, clear LogGuid (a clean image), release the locks."""
+        if self._closed:
+            return
+        self._closed = True
+        await drive(self._core.close())
+
+    async def __aenter__(self) -> AsyncDisk:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,70 @@
+"""Commit: what makes writes durable. Flush journals the dirty BAT and sector bitmap pages (group commit:
+one log entry per flush); close applies the log and leaves a clean image (LogGuid cleared).
+
+Order (docs/design.md): pages are taken first, data made durable second. A page taken now describes only
+writes already issued, and the fdatasync below makes all of those durable before the log can refer to
+them; a write that marks its sectors later waits for the next flush. A failed commit (ENOSPC, EIO) gives
+the pages back, so the next flush tries again.
+"""
+
+from __future__ import annotations
+
+from .allocation import Allocation
+from .dirty import PageBatch
+from .headers import HeaderState
+from .journal import LogWriter
+from .steps import Step, StepIO
+
+
+class Committer:
+    """Flush and close of one image opened writable."""
+
+    def __init__(self, headers: HeaderState, writer: LogWriter, allocation: Allocation) -> None:
+        self.headers = headers
+        self.writer = writer
+        self.allocation = allocation
+        sources = [allocation.bat]
+        if allocation.bitmaps is not None:
+            sources.append(allocation.bitmaps)
+        self._sources = sources
+        self.inflight_writes = 0  # writes between their allocation and their sector marks
+        self.io: StepIO
+        self.lock = None
+
+    def attach(self, io: StepIO) -> None:
+        self.io = io
+        self.lock = io.new_lock()
+
+    def _journal(self, pages: dict[int, bytes], file_end: int) -> None:
+        """Blocking: LogGuid into the headers if the log is empty, then the pages through the log."""
+        self.headers.open_log()
+        self.writer.commit(pages, file_end)
+
+    def flush(self) -> Step:
+        """Every write issued so far is durable once this returns: data first, then the pages via the log."""
+        yield (self.io.acquire, self.lock)
+        try:
+            batch = PageBatch(self._sources)
+            file_end = self.allocation.allocator.file_end
+            try:
+                yield (self.io.fdatasync,)
+                if not batch.pages:
+                    return
+                yield (self.io.call, self._journal, batch.pages, file_end)
+            except BaseException:
+                batch.restore()
+                raise
+            if self.inflight_writes == 0:
+                self.allocation.allocator.release_pending()
+        finally:
+            self.lock.release()
+
+    def finish(self) -> Step:
+        """After a last flush: the log's pages are durable in place, so LogGuid is cleared (a clean image)."""
+        yield (self.io.acquire, self.lock)
+        try:
+            if self.headers.log_guid is not None:
+                yield (self.io.fdatasync,)
+                yield (self.io.call, self.headers.close_log)
+        finally:
+            self.lock.release()

@@ -1,0 +1,105 @@
+"""Compact: blocks that read entirely as zeros stop taking space, and the file gets shorter.
+
+Two passes, neither of which changes what the disk reads:
+
+1. Each payload block the image holds whole (a DATA extent of the image itself covering the block: a
+   FULLY_PRESENT block) is read; an all-zero one is discarded through the engine, which makes it ZERO
+   (reads zeros, also in a differencing child, where NOT_PRESENT would show the parent) and punches its
+   space out of the file, journaled like every BAT change.
+2. Blocks at the file's tail move into the holes lower down (punched blocks, a BAT region left behind by
+   a resize), and the file is truncated after the last structure that stays (SpaceMap.plan_moves). A
+   block's copy is durable before the BAT points at it (through the log), and the old copy is cut off
+   only once the log is clean, so at any instant the BAT points at a complete copy.
+
+Fixed images are left alone: LeaveBlockAllocated (2.6.2.1) says every block keeps its space.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..format.bat import BitmapState, entry_state
+from ..format.constants import MiB
+from .disk import Disk
+from .hostio import HostFactory, PosixFile
+from .image import VhdxFile
+from .metadata_update import LoggedUpdate
+from .progress import Progress, no_progress
+from .translate import Kind
+
+COPY_CHUNK = 4 * MiB
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    zero_blocks: int  # all-zero blocks that became ZERO
+    punched: int  # bytes of those blocks given back to the host
+    moved: int  # bytes of blocks moved from the tail into holes
+    truncated: int  # bytes the file got shorter by
+
+
+def discard_zero_blocks(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+                        host_factory: HostFactory = PosixFile, progress: Progress = no_progress) -> tuple[int, int]:
+    """Pass 1: (blocks, bytes) of all-zero payload blocks made ZERO and punched."""
+    freed = 0
+    with Disk.open(path, parent=parent, host_factory=host_factory) as disk:
+        if disk.fixed:
+            return 0, 0
+        bs, size = disk.block_size, disk.size
+        with progress(size, f"compacting {disk.path.name}") as bar:
+            for extent in disk.extents():
+                if extent.kind == Kind.DATA and extent.depth == 0:
+                    end = extent.offset + extent.length
+                    # The blocks this extent covers whole; a FULLY_PRESENT block always lies in one extent.
+                    for start in range(-(-extent.offset // bs) * bs, end, bs):
+                        length = min(bs, size - start)
+                        if start + length > end:
+                            break
+                        if disk.read(start, length).count(0) == length:
+                            disk.discard(start, length)
+                            freed += 1
+                bar.update(extent.length)
+    return freed, freed * bs
+
+
+def move_tail_blocks(path: str | os.PathLike, host_factory: HostFactory = PosixFile, *,
+                     progress: Progress = no_progress) -> tuple[int, int]:
+    """Pass 2: (bytes moved, bytes truncated)."""
+    image = VhdxFile.open(path, host_factory=host_factory)
+    try:
+        if image.metadata.leave_block_allocated:
+            return 0, 0
+        moves, new_end = image.space_map().plan_moves()
+        host, g, bat = image.host, image.geometry, image.bat
+        old_size = host.size()
+        moved = sum(n for *_rest, n in moves)
+        with progress(moved, f"packing {image.path.name}") as bar:
+            for index, old, new, length in moves:
+                for pos in range(0, length, COPY_CHUNK):
+                    n = min(COPY_CHUNK, length - pos)
+                    host.pwrite(new + pos, host.pread(old + pos, n))
+                    bar.update(n)
+                if g.is_bitmap_index(index):
+                    bat.set_bitmap(index // (g.chunk_ratio + 1), BitmapState.PRESENT, new)
+                else:
+                    bat.set_payload(g.block_of_index(index), entry_state(bat.entries[index]), new)
+        if moves:
+            # Copies are durable before the BAT names them (LoggedUpdate syncs first); any subset of these
+            # entries is consistent, as every old copy stays intact until the truncation below.
+            with LoggedUpdate(image) as update:
+                update.commit(bat.take_dirty_pages(), old_size)
+        if new_end < old_size:
+            host.truncate(new_end)
+            host.fdatasync()
+        return moved, max(0, old_size - max(new_end, host.size()))
+    finally:
+        image.close()
+
+
+def compact(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+            host_factory: HostFactory = PosixFile, progress: Progress = no_progress) -> CompactResult:
+    """Both passes, one after the other (the image must not be in use)."""
+    blocks, punched = discard_zero_blocks(path, parent, host_factory=host_factory, progress=progress)
+    moved, truncated = move_tail_blocks(path, host_factory, progress=progress)
+    return CompactResult(blocks, punched, moved, truncated)

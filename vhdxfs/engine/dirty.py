@@ -1,0 +1,59 @@
+"""Dirty pages: which 4 KiB metadata pages changed since the last commit, handed over to a commit whole.
+
+The BAT and the sector bitmaps each keep a ``DirtySet``. A flush takes a ``PageBatch`` of all of them at
+one instant (the pages then describe exactly the writes made before that instant); if the commit fails
+(ENOSPC, EIO), ``restore`` marks the same pages dirty again, so the next flush journals them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Protocol
+
+
+class DirtySet:
+    """Keys of changed pages."""
+
+    def __init__(self) -> None:
+        self._keys: set = set()
+
+    def add(self, key: Hashable) -> None:
+        self._keys.add(key)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def take(self) -> set:
+        """Hand every key over and start empty."""
+        keys, self._keys = self._keys, set()
+        return keys
+
+    def restore(self, keys: Iterable) -> None:
+        self._keys.update(keys)
+
+
+class PageSource(Protocol):
+    """Something whose changed pages are journaled: the BAT, the sector bitmaps."""
+
+    dirty: DirtySet
+
+    def pages_for(self, keys: set) -> dict[int, bytes]: ...
+
+
+class PageBatch:
+    """The dirty pages of several sources, taken at one instant: file offset -> 4 KiB page."""
+
+    def __init__(self, sources: Iterable[PageSource]) -> None:
+        self._taken = [(source, source.dirty.take()) for source in sources]
+        self.pages: dict[int, bytes] = {}
+        for source, keys in self._taken:
+            if keys:
+                self.pages.update(source.pages_for(keys))
+
+    def restore(self) -> None:
+        """The commit failed: the pages are dirty again."""
+        for source, keys in self._taken:
+            source.dirty.restore(keys)

@@ -1,0 +1,245 @@
+"""Host I/O: the one seam between the engine and the file that holds an image.
+
+``HostIO`` is what the engine needs of a file: positioned reads and writes, fdatasync, size changes, hole
+punching. Every method is synchronous and may block. Three kinds stand behind it:
+
+- ``PosixFile``: an OS file, with the image's lock held (the normal case);
+- ``MemoryFile``: bytes in memory (tests, fuzzing: no OS file, no lock);
+- fault-injecting files in the tests (tests/crash/powercut.py), which build on ``FileBase`` as these do.
+
+Who calls what: structures (headers, log, region table, metadata, BAT pages, sector bitmaps) are read and
+written directly through these methods. Payload data moves through the engine's I/O driver: directly in
+the synchronous core (disk.py), through a write-back queue in the async wrapper (aio/host.py), which
+also keeps the trio loop off the disk.
+
+Locks are Linux open-file-description (OFD) record locks on the whole file: per open file, not per
+process, and on NFS (via NLM) and CIFS they become byte-range locks the server enforces, unlike flock.
+QEMU uses the same kind of lock on a few bytes of the image, so a mounted image also keeps QEMU out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import HostIOError, ImageLockedError
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class HostIO(Protocol):
+    """A file holding an image, as the engine uses it."""
+
+    path: Path
+    writable: bool
+
+    def size(self) -> int: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def pread_into(self, offset: int, view: memoryview) -> None: ...
+    def read_cached(self, offset: int, view: memoryview) -> bool: ...
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+    def fdatasync(self) -> None: ...
+    def truncate(self, size: int) -> None: ...
+    def punch_hole(self, offset: int, length: int) -> bool: ...
+    def write_zeros(self, offset: int, length: int) -> None: ...
+    def allocate(self, offset: int, length: int) -> None: ...
+    def close(self) -> None: ...
+
+
+# (path, writable=...) -> HostIO: how an image and its parents are opened (tests pass their own).
+HostFactory = Callable[..., HostIO]
+
+
+class FileBase:
+    """What every HostIO derives from its primitives (pread_into, pwrite, punch_hole)."""
+
+    path: Path
+    writable: bool
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read exactly ``length`` bytes; what lies past the end of the file reads as zeros."""
+        buf = bytearray(length)
+        self.pread_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` without blocking if that can be done; False means: use pread_into instead."""
+        return False
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Make a range read as zeros: punch where the host allows it, else write zeros."""
+        if self.punch_hole(offset, length):
+            return
+        chunk = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(chunk))
+            self.pwrite(offset, chunk[:n])
+            offset += n
+            length -= n
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve space (fixed images); a file without real allocation only grows."""
+        if self.size() < offset + length:
+            self.truncate(offset + length)
+
+
+class PosixFile(FileBase):
+    """An image file on the host, opened read-only or read-write, with the matching lock held."""
+
+    def __init__(self, path: str | os.PathLike, *, writable: bool, lock: bool = True) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as exc:
+            raise HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno) from None
+        self.punch_supported = True
+        if lock:
+            try:
+                self._lock(exclusive=writable)
+            except BaseException:
+                os.close(self.fd)
+                raise
+
+    def _lock(self, *, exclusive: bool) -> None:
+        lock_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD).
+        arg = struct.pack("hhqqi4x", lock_type, os.SEEK_SET, 0, 0, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, arg)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                how = "written" if exclusive else "read"
+                raise ImageLockedError(f"image is in use by another process (locked; cannot be {how} now)",
+                                       path=self.path) from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> HostIOError:
+        return HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``offset``; past the end of the file it reads zeros. The read primitive."""
+        done = 0
+        try:
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+                if n == 0:
+                    view[done:] = bytes(len(view) - done)
+                    return
+                done += n
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` from the page cache without blocking (RWF_NOWAIT); False if the disk is needed."""
+        if not _NOWAIT or self.fd < 0:
+            return False
+        try:
+            return os.preadv(self.fd, [view], offset, _NOWAIT) == len(view)
+        except OSError:
+            return False  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here; pread_into decides
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def fdatasync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Return the range's space to the host; it reads as zeros after. False if the host can't."""
+        if not self.punch_supported or length <= 0:
+            return False
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            self.punch_supported = False
+            return False
+        raise HostIOError(os.strerror(err), path=self.path, errno=err)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve host space (fixed images); falls back to a sparse extension where unsupported."""
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise self._error(exc) from None
+            super().allocate(offset, length)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MemoryFile(FileBase):
+    """An image held in memory: for tests and fuzzing, where no OS file or lock is wanted."""
+
+    def __init__(self, data: bytes | bytearray = b"", *, path: str | os.PathLike = "<memory>",
+                 writable: bool = True) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        self.data = bytearray(data)
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        got = self.data[offset:offset + len(view)]
+        view[:len(got)] = got
+        view[len(got):] = bytes(len(view) - len(got))
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.writable:
+            raise HostIOError("file is open read-only", path=self.path, errno=errno.EBADF)
+        data = memoryview(data).cast("B")
+        end = offset + len(data)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+    def fdatasync(self) -> None:
+        return None
+
+    def truncate(self, size: int) -> None:
+        del self.data[size:]
+        self.data.extend(bytes(size - len(self.data)))
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        length = max(0, min(length, len(self.data) - offset))
+        self.data[offset:offset + length] = bytes(length)
+        return True
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,117 @@
+"""Commit: merge a differencing child into its parent.
+
+What the child holds goes into the parent: FULLY_PRESENT blocks whole, PARTIALLY_PRESENT blocks sector by
+sector as the sector bitmap says, and ZERO / UNMAPPED / UNDEFINED blocks (which read as zeros in the child)
+as zeros. NOT_PRESENT blocks show the parent already and are left alone. Afterwards the parent reads
+exactly as the child did. The child's own translation (translate.py, without its parent) says which is
+which: DATA runs are copied, ZERO runs zeroed, PARENT runs skipped.
+
+Spec note <12> ordering: merging changes the parent, so its DataWriteGuid must change, and a child that
+still names only the old GUID would then refuse its parent. So before the parent's first change, the child's
+parent locator is rewritten through the child's log with parent_linkage = the parent's current GUID and
+parent_linkage2 = the GUID the parent is about to get; the parent is opened with that GUID as the one its
+first write sets (``data_write_guid``). At every instant of the merge the child matches its parent and
+reads the same, since the parent only ever takes on the child's own contents. The child stays valid
+afterwards but is no longer needed.
+
+The child is read through its own VhdxFile, not a Disk: a Disk of the child would open the parent too,
+read-only, and its shared lock would keep out the writable open of the parent that the merge needs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ParentError, UsageError
+from ..format import guids
+from ..format.constants import MiB
+from ..format.metadata import ParentLocator
+from .core import DiskCore
+from .disk import Disk
+from .hostio import HostFactory, PosixFile
+from .image import VhdxFile
+from .metadata_update import LoggedUpdate, PageEdits, check_fits, replace_item
+from .parent import check_parent, find_parent
+from .progress import Progress, no_progress
+from .steps import SyncIO, run_sync
+from .translate import Kind, Translator, new_bitmaps
+
+CHUNK = 4 * MiB
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    parent: Path
+    copied: int  # bytes of child data written into the parent
+    zeroed: int  # bytes the child holds as zeros, zeroed in the parent
+    parent_data_write_guid: uuid.UUID
+
+
+def store_linkage(child: VhdxFile, current: uuid.UUID, upcoming: uuid.UUID) -> None:
+    """Rewrite the child's parent locator (one log entry) to accept the parent before and after the merge."""
+    locator = child.metadata.parent_locator
+    entries = dict(locator.entries)
+    entries["parent_linkage"] = guids.braced(current)
+    entries["parent_linkage2"] = guids.braced(upcoming)
+    edits = PageEdits(child.read_meta)
+    replace_item(child, edits, guids.PARENT_LOCATOR, ParentLocator(entries, locator.locator_type).encode())
+    pages = edits.changed()
+    update = LoggedUpdate(child)
+    check_fits(child, len(pages), update.max_pages)
+    with update:
+        update.commit_atomic(pages, child.host.size())
+
+
+def _merge(child: VhdxFile, target: Disk, progress: Progress) -> tuple[int, int]:
+    """Copy what the child holds into ``target``, one chunk (one sector bitmap block) of the disk at a time."""
+    g = child.geometry
+    translator = Translator(child.bat, new_bitmaps(g, child.read_meta), has_parent=True)
+    translator.io = SyncIO(child.host)
+    copied = zeroed = 0
+    with progress(g.virtual_size, f"committing {child.path.name}") as bar:
+        for start in range(0, g.virtual_size, g.chunk_size):
+            length = min(g.chunk_size, g.virtual_size - start)
+            for voff, n, kind, file_offset in run_sync(translator.translate(start, length)):
+                if kind == Kind.ZERO:
+                    target.discard(voff, n)
+                    zeroed += n
+                elif kind == Kind.DATA:
+                    for pos in range(0, n, CHUNK):
+                        m = min(CHUNK, n - pos)
+                        target.write(voff + pos, child.host.pread(file_offset + pos, m))
+                        copied += m
+                bar.update(n)
+            translator.bitmaps.blocks.clear()  # each chunk's bitmap is read once: keep memory flat
+    return copied, zeroed
+
+
+def commit(child_path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+           host_factory: HostFactory = PosixFile, progress: Progress = no_progress) -> CommitResult:
+    """Merge the differencing image ``child_path`` into its parent (``parent`` overrides the locator)."""
+    # Writable: the child is locked against other users for the whole merge.
+    child = VhdxFile.open(child_path, host_factory=host_factory)
+    try:
+        if not child.is_differencing:
+            raise UsageError("is not a differencing image; there is no parent to commit into", path=child_path,
+                             field="FileParameters.HasParent")
+        parent_path = find_parent(child.path, child.metadata, parent)
+        upcoming = guids.new_guid()
+        core = DiskCore.open(parent_path, host_factory=host_factory, data_write_guid=upcoming)
+        target = Disk(core)
+        try:
+            before = core.image.header.data_write_guid
+            check_parent(child.path, child.metadata, parent_path, core.image.metadata, before)
+            store_linkage(child, before, upcoming)
+            copied, zeroed = _merge(child, target, progress)
+        finally:
+            target.close()
+        after = core.image.header.data_write_guid
+        if after != before and after != upcoming:
+            raise ParentError(f"parent {parent_path} took DataWriteGuid {{{after}}}, not the {{{upcoming}}} stored "
+                              "in the child's parent_linkage2", path=child_path, field="ParentLocator")
+        return CommitResult(Path(parent_path), copied, zeroed, after)
+    finally:
+        child.close()

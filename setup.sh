@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils qemu-system-common
-          libvhdi-utils fio e2fsprogs dosfstools util-linux systemd kmod)
+          libvhdi-utils fio e2fsprogs dosfstools util-linux systemd kmod
+          libnbd-bin nbd-client openssl)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 missing=()

@@ -18,6 +18,7 @@ from .errors import VhdxError
 # Modules that add subcommands, in the order --help lists them.
 _COMMAND_MODULES = (
     "vhdxfs.mount.command",
+    "vhdxfs.nbd.command",
     "vhdxfs.tools.create",
     "vhdxfs.tools.info",
     "vhdxfs.tools.check",

@@ -61,7 +61,7 @@ def test_the_unit_mounts_on_the_host_stops_cleanly_and_never_leaves_a_stale_moun
 
 
 def test_sd_notify_speaks_to_path_and_abstract_sockets(tmp_path, monkeypatch):
-    from vhdxfs.mount.notify import sd_notify
+    from vhdxfs.service.notify import sd_notify
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert sd_notify("READY=1") is False  # not under systemd: nothing to do, no error

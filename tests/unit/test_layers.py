@@ -28,6 +28,7 @@ LAYERS = {
     "vhdxfs.errors": FORMAT,
     "vhdxfs.sizes": FORMAT,
     "vhdxfs.format": FORMAT,
+    "vhdxfs.service": FORMAT,  # daemon plumbing (fork, pid records, logs, systemd): knows no image
     "vhdxfs.engine": ENGINE,
     "vhdxfs.engine.aio": ASYNC_ENGINE,
     "vhdxfs.mount": FRONT_END,

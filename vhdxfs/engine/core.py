@@ -116,6 +116,13 @@ class DiskCore:
                 return file_offset + within
         return -1
 
+    def write_target(self, offset: int, length: int) -> int:
+        """The file offset a write of [offset, offset+length) goes to when it needs nothing but the payload
+        write itself (writable, DataWriteGuid already new, no parent, one present block), else -1."""
+        if self.read_only or self.parent is not None or not self.image.headers.data_writes_begun:
+            return -1
+        return self.locate(offset, length)
+
     def read(self, offset: int, length: int) -> Step:
         """The bytes of [offset, offset+length) (a bytes-like object)."""
         where = self.locate(offset, length)

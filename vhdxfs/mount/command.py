@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import logging.handlers
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import trio
 
 from ..errors import UsageError, VhdxError
-from .daemon import MountConfig, process_start_time, read_state, serve, state_file
+from ..service.daemon import daemonize, run_in_foreground
+from ..service.records import wait_for_exit
+from .daemon import MountConfig, read_state, serve, state_file
 from .mounts import FSTYPE, find_mount, is_dead, normalize
 from .operations import raw_name
 
@@ -67,119 +68,17 @@ def check_arguments(config: MountConfig) -> None:
         raise VhdxError("mount point does not exist or is not a directory", path=mnt)
 
 
-class _FallbackLog(logging.FileHandler):
-    """The log file of a daemon without syslog; removed after a clean life with nothing worth reading, so
-    /run does not fill with one file per mount ever made. Kept when it already held an earlier daemon's
-    lines (say, the last words of one that was killed)."""
-
-    worst = logging.NOTSET
-
-    def __init__(self, path: Path) -> None:
-        self.inherited = path.exists() and path.stat().st_size > 0
-        super().__init__(path)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.worst = max(self.worst, record.levelno)
-        super().emit(record)
-
-    def discard_if_boring(self) -> None:
-        if self.worst < logging.WARNING and not self.inherited:
-            self.close()
-            Path(self.baseFilename).unlink(missing_ok=True)
-
-
-def setup_logging(foreground: bool, debug: bool, log_file: Path | None = None) -> None:
-    """stderr in the foreground; syslog for a daemon, or ``log_file`` where there is no syslog (a
-    container without /dev/log), so a daemon's warnings are never silently lost."""
-    level = logging.DEBUG if debug else logging.INFO
-    handler: logging.Handler
-    if foreground:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("vhdxfs[%(process)d]: %(levelname)s: %(message)s"))
-    elif Path("/dev/log").exists():
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("vhdxfs[%(process)d]: %(message)s"))
-    else:
-        handler = logging.NullHandler()
-        if log_file is not None:
-            try:
-                log_file.parent.mkdir(parents=True, exist_ok=True)
-                handler = _FallbackLog(log_file)
-            except OSError:
-                pass
-        handler.setFormatter(logging.Formatter("%(asctime)s vhdxfs[%(process)d]: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
-
-
 def run_mount(args: argparse.Namespace) -> int:
     # Absolute paths: the daemon changes to / so that it keeps no directory busy.
     config = MountConfig(images=[os.path.abspath(i) for i in args.images], mountpoint=normalize(args.mountpoint),
                          parent=os.path.abspath(args.parent) if args.parent else None, debug=args.debug)
     parse_options(args.options, config)
     check_arguments(config)
+    service = functools.partial(trio.run, serve, config)
     if args.foreground:
-        setup_logging(True, args.debug)
-        failure: list[str] = []
-
-        def ready(message: str | None) -> None:
-            if message:
-                failure.append(message)
-
-        trio.run(serve, config, ready)
-        if failure:
-            raise VhdxError(failure[0])
-        return 0
-    return _daemonize(config)
-
-
-def _daemonize(config: MountConfig) -> int:
-    """Fork; the child serves, the parent waits until the mount is ready (exit 0) or has failed (exit 1)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-        if message.startswith("ok"):
-            return 0
-        if not message:
-            _, status = os.waitpid(pid, 0)
-            message = f"the mount daemon died (status {status}) before the mount was ready"
-        raise VhdxError(message.removeprefix("error:").strip())
-    # Child: a session of its own, no terminal, no busy working directory, logging to syslog.
-    os.close(read_fd)
-    os.setsid()
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
-    setup_logging(False, config.debug, state_file(config.mountpoint).with_suffix(".log"))
-
-    def ready(message: str | None) -> None:
-        nonlocal write_fd
-        if write_fd < 0:
-            return
-        os.write(write_fd, b"ok\n" if message is None else b"error:" + message.encode())
-        os.close(write_fd)
-        write_fd = -1
-
-    code = 0
-    try:
-        trio.run(serve, config, ready)
-    except BaseException as exc:  # the daemon's last words go to the log, and to the parent if it waits
-        log.exception("daemon failed")
-        ready(f"mount daemon failed: {exc}")
-        code = 1
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, _FallbackLog) and code == 0:
-            handler.discard_if_boring()
-    os._exit(code)
+        return run_in_foreground(service, args.debug)
+    log_file = state_file(config.mountpoint).with_suffix(".log")
+    return daemonize(service, what="mount", debug=config.debug, log_file=log_file)
 
 
 def run_umount(args: argparse.Namespace) -> int:
@@ -203,12 +102,9 @@ def run_umount(args: argparse.Namespace) -> int:
     if pid is None:
         print(f"vhdxfs: {mnt}: unmounted, but no daemon was recorded to wait for", file=sys.stderr)
         return 0
-    deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while process_start_time(pid) is not None:  # exited (a zombie counts as exited: it has closed all)
-        if time.monotonic() > deadline:
-            raise VhdxError(f"unmounted, but daemon {pid} is still closing the images after {UMOUNT_TIMEOUT:.0f} s",
-                            path=mnt)
-        time.sleep(0.02)
+    if not wait_for_exit(pid, UMOUNT_TIMEOUT):
+        raise VhdxError(f"unmounted, but daemon {pid} is still closing the images after {UMOUNT_TIMEOUT:.0f} s",
+                        path=mnt)
     return 0
 
 

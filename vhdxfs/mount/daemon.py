@@ -11,12 +11,11 @@ unmount again, so no stale mount is left behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,26 +24,14 @@ import trio
 
 from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
+from ..service.daemon import Ready
+from ..service.notify import sd_notify
+from ..service.records import read_record, record_path, write_record
 from .mounts import normalize
-from .notify import sd_notify
 from .operations import RawFilesOperations
 
 log = logging.getLogger("vhdxfs.mount")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-# Called once: None when the mount is ready, or a one-line message saying why it could not be made.
-Ready = Callable[[str | None], None]
-
-
-def _default_state_dir() -> Path:
-    """/run/vhdxfs for root; a user's own runtime directory otherwise (they cannot write /run)."""
-    if os.geteuid() == 0:
-        return Path("/run/vhdxfs")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "vhdxfs" if runtime else Path(tempfile.gettempdir()) / f"vhdxfs-{os.geteuid()}"
-
-
-STATE_DIR = Path(os.environ["VHDXFS_STATE_DIR"]) if os.environ.get("VHDXFS_STATE_DIR") else _default_state_dir()
 
 
 @dataclass
@@ -61,50 +48,13 @@ class MountConfig:
 
 
 def state_file(mountpoint: str | os.PathLike) -> Path:
-    """Where the daemon serving ``mountpoint`` records its pid (for ``vhdxfs umount``).
-
-    Format: pid, mount point, process start time (clock ticks since boot), one per line. The start time
-    tells a live daemon from an unrelated process that inherited a dead daemon's pid.
-    """
-    key = hashlib.sha1(normalize(mountpoint).encode()).hexdigest()[:16]
-    return STATE_DIR / f"{key}.pid"
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat, or None when there is no such process or it has exited (a zombie
-    waiting for its parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(") ", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _write_state(path: Path, mountpoint: str) -> None:
-    """Atomically, so `vhdxfs umount` never reads half a record."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(f"{os.getpid()}\n{mountpoint}\n{process_start_time(os.getpid())}\n")
-    tmp.replace(path)
+    """Where the daemon serving ``mountpoint`` records its pid for ``vhdxfs umount`` (service/records.py)."""
+    return record_path(normalize(mountpoint))
 
 
 def read_state(mountpoint: str | os.PathLike) -> int | None:
     """The pid of the live daemon serving ``mountpoint``, if its record is there and still true."""
-    try:
-        fields = state_file(mountpoint).read_text().split("\n")
-        pid, recorded_at, started = int(fields[0]), fields[1], fields[2]
-    except (OSError, ValueError, IndexError):
-        return None
-    now = process_start_time(pid)
-    if now is None or recorded_at != normalize(mountpoint) or str(now) != started:
-        return None
-    return pid
+    return read_record(state_file(mountpoint), normalize(mountpoint))
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -222,7 +172,7 @@ async def _serve(config: MountConfig, ready: Ready, stop: _Stop) -> None:
         return
     try:
         try:
-            _write_state(pidfile, mountpoint)
+            write_record(pidfile, mountpoint)
         except OSError as exc:
             log.warning("cannot record the daemon pid in %s: %s", pidfile, exc)
         log.info("mounted %s at %s", ", ".join(config.images), config.mountpoint)

@@ -64,6 +64,21 @@ class AsyncDisk(DiskFacts):
             return buf
         return await drive(core.read(offset, length))
 
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes of [offset, offset+length) when they can be had without waiting at all (one present
+        block whose bytes the host's page cache holds), else None: then ``read``. For front ends that serve
+        a request in the task that received it when they can (the NBD server)."""
+        core = self._core
+        where = core.locate(offset, length)
+        return core.io.read_now(where, length) if where >= 0 else None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue the write if it needs no wait at all (one present block, room in the write-back queue), and
+        say so; False: nothing was done, use ``write``. Acknowledged like ``write`` (durable after a flush)."""
+        core = self._core
+        where = core.write_target(offset, len(data))
+        return where >= 0 and core.io.write_now(where, data)
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Acknowledged once queued; durable after the next flush (README, "Durability")."""
         await drive(self._core.write(offset, data))

@@ -79,6 +79,13 @@ class AsyncHost:
         if not self.host.read_cached(offset, view):
             await IO_POOL.run(self.host.pread_into, offset, view)
 
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        """The bytes at ``offset`` if the page cache has them and no queued write to them waits, else None."""
+        if self.writeback is not None and not self.writeback.settled(offset, length):
+            return None
+        buf = bytearray(length)
+        return buf if self.host.read_cached(offset, memoryview(buf)) else None
+
     async def pread(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         await self.pread_into(offset, memoryview(buf))
@@ -89,6 +96,10 @@ class AsyncHost:
         if self.writeback is None:
             raise HostIOError("file is open read-only", path=self.path, errno=errno.EBADF)
         await self.writeback.write(offset, data)
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue a write if that needs no wait; False otherwise (then ``pwrite``)."""
+        return self.writeback is not None and self.writeback.write_now(offset, data)
 
     async def fdatasync(self) -> None:
         """Make every write so far durable; raises the error of a queued write that failed since the last."""

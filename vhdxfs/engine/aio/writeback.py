@@ -38,6 +38,12 @@ DEFAULT_LIMIT = 16 << 20
 _STOP = None
 
 
+def _owned(data: bytes | bytearray | memoryview) -> memoryview:
+    """The bytes to queue: ``bytes`` as they are, anything mutable copied (the caller may reuse it)."""
+    view = memoryview(data).cast("B")
+    return view if isinstance(view.obj, bytes) else memoryview(bytes(view))
+
+
 class WriteBack:
     """The queued writes of one host file; the async methods run on the trio thread only."""
 
@@ -74,14 +80,24 @@ class WriteBack:
         """Queue a write; raises the error of an earlier failed write until a flush has reported it."""
         if self.error is not None:
             raise self.error
-        view = memoryview(data).cast("B")
-        if not isinstance(view.obj, bytes):
-            view = memoryview(bytes(view))  # the caller may reuse its buffer once we return
-        n = len(view)
-        if not n:
+        view = _owned(data)
+        if not view:
             return
-        if self._issued_bytes - self._done_bytes + n > self.limit and self.busy:
+        if self._issued_bytes - self._done_bytes + len(view) > self.limit and self.busy:
             await self._wait_for(self._issued - (self._issued - self._done) // 2)  # about half the queue
+        self._enqueue(offset, view)
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Queue a write if that needs no wait (the queue has room, no failed write is pending); else False."""
+        if self.error is not None or self._issued_bytes - self._done_bytes + len(data) > self.limit:
+            return False
+        view = _owned(data)
+        if view:
+            self._enqueue(offset, view)
+        return True
+
+    def _enqueue(self, offset: int, view: memoryview) -> None:
+        n = len(view)
         self._enqueue_started()
         self._issued += 1
         self._issued_bytes += n
@@ -116,6 +132,13 @@ class WriteBack:
             self._thread = threading.Thread(target=self._run, name="vhdxfs-writeback", daemon=True)
             self._thread.start()
         self._token = trio.lowlevel.current_trio_token()
+
+    def settled(self, offset: int, length: int) -> bool:
+        """True when no queued write to [offset, offset + length) is still waiting to reach the file."""
+        if not self.busy or length <= 0:
+            return True
+        last = self._last_write_to.get
+        return max(last(g, 0) for g in range(offset // GRANULE, (offset + length - 1) // GRANULE + 1)) <= self._done
 
     async def settle(self, offset: int | None = None, length: int = 0) -> None:
         """Wait until the queued writes to [offset, offset + length) are in the file; all when offset is None."""

@@ -1,0 +1,217 @@
+"""The transmission phase: requests read in order, served concurrently, answered in completion order.
+
+Each request runs as a task of its own against the export's AsyncDisk; replies go out whole under the
+wire's lock, whenever their request finishes. Memory stays bounded whatever a client does: the data of
+READs and WRITEs in flight (received but not yet applied, read but not yet sent) counts against a budget,
+and the reader stops reading requests while the budget is spent, so a client that sends many large
+requests without reading the replies only fills its own socket. Errors the protocol lets us answer are
+answered (EINVAL, EPERM, ENOSPC, ...) and the connection goes on; a bad magic or a WRITE larger than the
+maximum payload end it (its data cannot be skipped safely: the protocol allows the hard disconnect).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import trio
+
+from ..engine import Kind
+from ..errors import VhdxError
+from . import protocol as p
+from .exports import MAX_PAYLOAD
+from .handshake import Session
+from .wire import Closed, Wire, cancel_when_set
+
+log = logging.getLogger("vhdxfs.nbd")
+BUDGET = 64 << 20  # data bytes of one connection's requests in flight
+MAX_IN_FLIGHT = 256  # requests of one connection in flight
+BLOCK_STATUS_COST = 64 << 10  # budget taken by a block status reply
+MAX_DESCRIPTORS = 1 << 16  # per block status reply (the protocol's limit is 2**20)
+_WRITING = {p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES}
+
+
+class ByteBudget:
+    """At most ``limit`` bytes taken at once; a request larger than the limit runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = trio.Event()
+
+    async def acquire(self, n: int) -> None:
+        while self.used and self.used + n > self.limit:
+            await self._freed.wait()
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+        self._freed = trio.Event()
+
+
+def wire_error(exc: BaseException) -> int:
+    """The protocol's error for an engine error (its errno), EIO when nothing fits better."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.EROFS, errno.EPERM, errno.EACCES):
+        return p.EPERM
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return p.ENOSPC
+    if code in (errno.EINVAL, errno.ENOTSUP):
+        return p.EINVAL if code == errno.EINVAL else p.ENOTSUP
+    return p.EIO
+
+
+class Transmission:
+    """One connection's transmission phase."""
+
+    def __init__(self, wire: Wire, session: Session) -> None:
+        self.wire = wire
+        self.session = session
+        self.export = session.export
+        self.disk = session.export.disk
+        self.budget = ByteBudget(BUDGET)
+        self.slots = trio.Semaphore(MAX_IN_FLIGHT)
+
+    async def run(self, stopping: trio.Event) -> None:
+        """Serve requests until NBD_CMD_DISC, the client leaving, a protocol violation or ``stopping``;
+        requests in flight always finish (their replies may find the client gone)."""
+        async with trio.open_nursery() as sending:
+            sending.start_soon(self.wire.sender)
+            try:
+                async with trio.open_nursery() as handlers:
+                    async with trio.open_nursery() as reading:
+                        reading.start_soon(cancel_when_set, stopping, reading.cancel_scope)
+                        await self._read_requests(handlers)
+                        reading.cancel_scope.cancel()
+            finally:
+                self.wire.finish_sending()
+
+    async def _read_requests(self, handlers: trio.Nursery) -> None:
+        try:
+            while True:
+                request = p.parse_request(await self.wire.exactly(p.REQUEST_SIZE))
+                if request.type == p.CMD_DISC:
+                    return
+                await self.slots.acquire()
+                cost = self._cost(request)
+                await self.budget.acquire(cost)
+                if request.type == p.CMD_READ and not self._refusal(request):
+                    data = self.disk.read_now(request.offset, request.length) if request.length else None
+                    if data is not None:  # served here: no task, no trip through the scheduler
+                        self.wire.queue(self._read_reply(request, data), functools.partial(self._done, cost))
+                        continue
+                payload = None
+                if request.type == p.CMD_WRITE:
+                    if request.length > MAX_PAYLOAD:
+                        raise p.ProtocolError(f"a WRITE of {request.length} bytes, more than {MAX_PAYLOAD}")
+                    payload = await self.wire.payload(request.length)
+                    if not request.flags & p.CMD_FLAG_FUA and not self._refusal(request) \
+                            and self.disk.write_now(request.offset, payload):
+                        self.wire.queue(self._ok(request), functools.partial(self._done, cost))
+                        continue
+                handlers.start_soon(self._serve, request, payload, cost)
+        except Closed as exc:
+            log.debug("client gone: %s", exc)
+        except p.ProtocolError as exc:
+            log.warning("disconnecting a client that broke the protocol: %s", exc)
+
+    @staticmethod
+    def _cost(request: p.Request) -> int:
+        if request.type in (p.CMD_READ, p.CMD_WRITE):
+            return min(request.length, MAX_PAYLOAD)
+        return BLOCK_STATUS_COST if request.type == p.CMD_BLOCK_STATUS else 0
+
+    async def _serve(self, request: p.Request, payload: bytes | None, cost: int) -> None:
+        """Run one request and queue its reply; its budget and slot are given back once the reply is sent."""
+        reply: tuple = ()
+        try:
+            error = self._refusal(request)
+            reply = self._error(request, error) if error else await self._dispatch(request, payload)
+        except VhdxError as exc:
+            log.warning("%s: request %d at %d+%d: %s", self.export.name, request.type, request.offset,
+                        request.length, exc)
+            reply = self._error(request, wire_error(exc), str(exc))
+        finally:
+            self.wire.queue(reply, functools.partial(self._done, cost))
+
+    def _done(self, cost: int) -> None:
+        self.budget.release(cost)
+        self.slots.release()
+
+    def _refusal(self, request: p.Request) -> int:
+        """The error a request gets before it runs (0: none)."""
+        allowed = p.ALLOWED_FLAGS.get(request.type)
+        if allowed is None or request.flags & ~allowed:
+            return p.EINVAL  # an unknown command, or a flag it does not take
+        if request.type in _WRITING and self.export.read_only:
+            return p.EPERM
+        if request.type == p.CMD_BLOCK_STATUS and not self.session.contexts:
+            return p.EINVAL
+        if request.type == p.CMD_READ and request.length > MAX_PAYLOAD:
+            return p.EOVERFLOW if request.flags & p.CMD_FLAG_DF else p.EINVAL
+        if request.type != p.CMD_FLUSH and request.offset + request.length > self.export.size:
+            return p.ENOSPC if request.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL
+        return 0
+
+    async def _dispatch(self, request: p.Request, payload: bytes | None) -> tuple:
+        """Run the request; the parts of its reply."""
+        disk, kind, offset, length = self.disk, request.type, request.offset, request.length
+        if kind == p.CMD_READ:
+            return self._read_reply(request, await disk.read(offset, length) if length else b"")
+        if kind == p.CMD_BLOCK_STATUS:
+            return (p.block_status_chunk(request.cookie, 1, await self._status(request)),)
+        if kind == p.CMD_WRITE and length:
+            await disk.write(offset, payload)
+        elif kind == p.CMD_FLUSH:
+            await disk.flush()
+        elif kind == p.CMD_TRIM and length:
+            await disk.discard(offset, length)
+        elif kind == p.CMD_WRITE_ZEROES and length:
+            unmap = not request.flags & p.CMD_FLAG_NO_HOLE
+            if request.flags & p.CMD_FLAG_FAST_ZERO and not self._fast_zero(offset, length, unmap):
+                return self._error(request, p.ENOTSUP, "zeroing this range is no faster than writing zeros")
+            await disk.write_zeroes(offset, length, unmap=unmap)
+        # CMD_CACHE: nothing to do; the host's page cache serves what is read next.
+        if request.flags & p.CMD_FLAG_FUA and kind in _WRITING:
+            await disk.flush()
+        return self._ok(request)
+
+    def _fast_zero(self, offset: int, length: int, unmap: bool) -> bool:
+        """Without a parent, zeroing is metadata and hole punching; in a child, only whole-block unmaps
+        are (elsewhere zeros must be written over the parent's data)."""
+        if len(self.disk.chain()) == 1:
+            return True
+        bs = self.disk.block_size
+        return unmap and offset % bs == 0 and (length % bs == 0 or offset + length == self.export.size)
+
+    async def _status(self, request: p.Request) -> list[tuple[int, int]]:
+        """base:allocation descriptors: DATA is 0; ZERO blocks and unallocated space are HOLE|ZERO."""
+        descriptors: list[tuple[int, int]] = []
+        for extent in await self.disk.extents(request.offset, request.length):
+            flags = 0 if extent.kind == Kind.DATA else p.STATE_HOLE | p.STATE_ZERO
+            if descriptors and descriptors[-1][1] == flags:
+                descriptors[-1] = (descriptors[-1][0] + extent.length, flags)
+            else:
+                descriptors.append((extent.length, flags))
+            if len(descriptors) > MAX_DESCRIPTORS:
+                descriptors.pop()
+                break
+        if request.flags & p.CMD_FLAG_REQ_ONE:
+            descriptors = descriptors[:1]
+        return descriptors
+
+    def _read_reply(self, request: p.Request, data: bytes | bytearray) -> tuple:
+        if self.session.structured:
+            return p.data_chunk_header(request.cookie, request.offset, request.length, done=True), data
+        return p.simple_reply(request.cookie), data
+
+    @staticmethod
+    def _ok(request: p.Request) -> tuple:
+        return (p.simple_reply(request.cookie),)  # allowed for any reply without data, structured or not
+
+    def _error(self, request: p.Request, error: int, message: str = "") -> tuple:
+        if self.session.structured:
+            return (p.error_chunk(request.cookie, error, message),)
+        return (p.simple_reply(request.cookie, error),)

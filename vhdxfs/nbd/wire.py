@@ -1,0 +1,172 @@
+"""One client's connection: exact-length reads over a trio stream, and whole messages out.
+
+Replies of requests served concurrently must not interleave inside a message. During the handshake a
+message is sent at once (``send``); in transmission, replies are queued (``queue``) and one sender task
+writes everything queued so far with a single sendmsg (gathered, like writev), so a burst of replies at
+queue depth 16 costs one system call and one wake-up of the client, not two per reply. Reads are
+buffered: a request header is 28 bytes, and one receive usually brings several.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import trio
+
+RECEIVE_SIZE = 256 << 10
+
+
+class Closed(Exception):
+    """The peer closed the connection (or it broke) where the protocol expected more bytes."""
+
+
+class Wire:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+        self._send_lock = trio.Lock()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._sent_callbacks: list[Callable[[], None]] = []
+        self._wake_sender = trio.Event()
+        self._closing = False
+        socket = getattr(stream, "socket", None)  # a plain socket can be written to directly; TLS cannot
+        self._fd = socket.fileno() if socket is not None else -1
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet read (STARTTLS needs none to be pending)."""
+        return len(self._buffer)
+
+    async def exactly(self, n: int) -> bytes:
+        """The next ``n`` bytes; Closed when the stream ends first."""
+        buf = self._buffer
+        while len(buf) < n:
+            try:
+                data = await self.stream.receive_some(max(RECEIVE_SIZE, n - len(buf)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise Closed(str(exc)) from None
+            if not data:
+                raise Closed("the client closed the connection")
+            buf += data
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    async def payload(self, n: int) -> bytes:
+        """A write's ``n`` bytes of data (up to 32 MiB) as one ``bytes``: joined once from what arrives, so the
+        engine's write-back queue can keep it without copying it again."""
+        parts = [bytes(self._buffer[:n])]
+        del self._buffer[:n]
+        have = len(parts[0])
+        while have < n:
+            try:
+                data = await self.stream.receive_some(n - have)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise Closed(str(exc)) from None
+            if not data:
+                raise Closed("the client closed the connection in the middle of a write's data")
+            parts.append(data)
+            have += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Send one message made of ``parts``, never interleaved with another; Closed if the peer is gone."""
+        async with self._send_lock:
+            try:
+                for part in parts:
+                    if part:
+                        await self.stream.send_all(part)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise Closed(str(exc)) from None
+
+    def queue(self, parts: tuple, on_sent: Callable[[], None] | None = None) -> None:
+        """Send one message: at once when nothing waits before it and the socket takes it all, else through
+        the sender task. ``on_sent`` runs once it is written (or the peer is gone)."""
+        if not self._out and self._fd >= 0:
+            parts = _write_now(self._fd, parts)
+            if not parts:
+                if on_sent is not None:
+                    on_sent()
+                return
+        self._out.extend(parts)
+        if on_sent is not None:
+            self._sent_callbacks.append(on_sent)
+        self._wake_sender.set()
+
+    async def sender(self) -> None:
+        """Write queued messages until ``finish_sending``, gathering all that wait into one system call."""
+        sock = getattr(self.stream, "socket", None)  # a plain socket stream can gather; TLS cannot
+        broken = False
+        while True:
+            await self._wake_sender.wait()
+            self._wake_sender = trio.Event()
+            parts, self._out = self._out, []
+            callbacks, self._sent_callbacks = self._sent_callbacks, []
+            if parts and not broken:
+                try:
+                    if sock is not None:
+                        await _send_gathered(sock, parts)
+                    else:
+                        await self.stream.send_all(b"".join(parts))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    broken = True  # the client is gone: replies are dropped, their budget still released
+            for callback in callbacks:
+                callback()
+            if self._closing and not self._out:
+                return
+
+    def finish_sending(self) -> None:
+        """The sender ends once everything queued so far is written."""
+        self._closing = True
+        self._wake_sender.set()
+
+    def upgrade(self, stream: trio.abc.Stream) -> None:
+        """Go on over ``stream`` (TLS wrapped around the old one)."""
+        self.stream = stream
+        self._fd = -1
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+async def cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once ``event`` is set (the server is stopping): run it beside the work it ends."""
+    await event.wait()
+    scope.cancel()
+
+
+async def _send_gathered(sock, parts: list) -> None:
+    """sendmsg all of ``parts``, resuming after partial sends."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        sent = await sock.sendmsg(views[:1024])  # IOV_MAX
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def _write_now(fd: int, parts: tuple) -> tuple:
+    """writev as much of ``parts`` as the socket takes without blocking; what is left (empty when all went)."""
+    try:
+        sent = os.writev(fd, [part for part in parts if len(part)][:1024])
+    except (BlockingIOError, InterruptedError):
+        return parts
+    except OSError:
+        return parts  # broken: the sender task meets the error again and drops the replies
+    out = []
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+        else:
+            out.append(memoryview(part)[sent:])
+            sent = 0
+    return tuple(out)

@@ -15,35 +15,54 @@ import traceback
 from . import __version__
 from .errors import VhdxError
 
-# Modules that add subcommands, in the order --help lists them.
-_COMMAND_MODULES = (
-    "vhdxfs.mount.command",
-    "vhdxfs.nbd.command",
-    "vhdxfs.tools.create",
-    "vhdxfs.tools.info",
-    "vhdxfs.tools.check",
-    "vhdxfs.tools.convert",
-    "vhdxfs.tools.compact",
-    "vhdxfs.tools.resize",
-    "vhdxfs.tools.commit",
+# Every command, in the order --help lists them: (name, the module whose register() adds it, one-line help).
+# Only the module of the command being run is imported, so `vhdxfs info` never loads trio or FUSE, and
+# `vhdxfs --help` loads no command module at all (README "Command line": start-up times).
+COMMANDS = (
+    ("mount", "vhdxfs.mount.command", "mount images as raw files"),
+    ("umount", "vhdxfs.mount.command", "unmount, after every image is flushed and closed"),
+    ("serve", "vhdxfs.nbd.command", "serve images over NBD"),
+    ("stop", "vhdxfs.nbd.command", "stop an NBD server, after every image is flushed and closed"),
+    ("create", "vhdxfs.tools.create", "create a new VHDX image"),
+    ("info", "vhdxfs.tools.info", "show what an image is"),
+    ("check", "vhdxfs.tools.check", "check an image for consistency (and repair it)"),
+    ("map", "vhdxfs.tools.map", "show which ranges of the disk hold data"),
+    ("convert", "vhdxfs.tools.convert", "convert raw <-> VHDX"),
+    ("compact", "vhdxfs.tools.compact", "give the space of all-zero blocks back to the host"),
+    ("resize", "vhdxfs.tools.resize", "change the virtual size of an image"),
+    ("commit", "vhdxfs.tools.commit", "merge a differencing child into its parent"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+    """The command named on the command line (the first argument that is one), if any."""
+    names = {name for name, _module, _help in COMMANDS}
+    return next((a for a in argv if a in names), None)
+
+
+def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+    """The parser; with ``full`` (or for the command in ``argv``) each command's own arguments, else only
+    its name and help line."""
     parser = argparse.ArgumentParser(
         prog="vhdxfs",
-        description="Present VHDX virtual disks as raw files through FUSE, and work on VHDX images offline.",
+        description="VHDX virtual disks as raw files: mount them through FUSE, serve them over NBD, and work on "
+                    "images offline.",
     )
     parser.add_argument("--version", action="version", version=f"vhdxfs {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and request traces")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    chosen = None if full else _chosen(sys.argv[1:] if argv is None else argv)
+    modules = [m for _n, m, _h in COMMANDS] if full else [m for n, m, _h in COMMANDS if n == chosen]
+    for module in dict.fromkeys(modules):
+        importlib.import_module(module).register(subparsers)
+    for name, _module, help_text in COMMANDS:
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

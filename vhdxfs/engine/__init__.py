@@ -11,18 +11,30 @@ The async form for trio code is ``vhdxfs.engine.aio.AsyncDisk``: the same steps,
 README "Design" draws the layers.
 """
 
-from .compaction import CompactResult, compact
 from .disk import Disk
 from .hostio import FileBase, HostFactory, HostIO, MemoryFile, PosixFile
-from .inspect import check_and_repair, check_image, describe
-from .layout import ImageSpec, create_child, create_image, default_block_size
-from .merge import CommitResult, commit
-from .progress import Progress, no_progress
-from .repair import repair_image
-from .resizing import ResizeResult, resize
 from .translate import Extent, Kind
 
-__all__ = ["CommitResult", "CompactResult", "Disk", "Extent", "FileBase", "HostFactory", "HostIO", "ImageSpec", "Kind",
-           "MemoryFile", "PosixFile", "Progress", "ResizeResult", "check_and_repair", "check_image", "commit",
-           "compact", "create_child", "create_image", "default_block_size", "describe", "no_progress",
-           "repair_image", "resize"]
+# The image operations load on first use: a command imports only what it runs (fast start).
+_LAZY = {
+    "CompactResult": "compaction", "compact": "compaction",
+    "check_and_repair": "inspect", "check_image": "inspect", "describe": "inspect",
+    "ImageSpec": "layout", "create_child": "layout", "create_image": "layout", "default_block_size": "layout",
+    "CommitResult": "merge", "commit": "merge",
+    "Progress": "progress", "no_progress": "progress",
+    "repair_image": "repair",
+    "ResizeResult": "resizing", "resize": "resizing",
+}
+
+__all__ = ["Disk", "Extent", "FileBase", "HostFactory", "HostIO", "Kind", "MemoryFile", "PosixFile", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vhdxfs.engine' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -20,9 +20,9 @@ QEMU uses the same kind of lock on a few bytes of the image, so a mounted image 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -34,8 +34,16 @@ from ..errors import HostIOError, ImageLockedError
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+@functools.cache
+def _fallocate():
+    """libc's fallocate(2) (Python has no os.fallocate with mode flags); looked up on first use."""
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return libc.fallocate
 
 
 class HostIO(Protocol):
@@ -180,7 +188,7 @@ class PosixFile(FileBase):
         """Return the range's space to the host; it reads as zeros after. False if the host can't."""
         if not self.punch_supported or length <= 0:
             return False
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        if _fallocate()(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
             return True
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS):

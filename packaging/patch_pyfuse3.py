@@ -13,6 +13,11 @@ Usage: python packaging/patch_pyfuse3.py SRC_DIR   (an unpacked pyfuse3-3.5.0 sd
    a request: the kernel copies a whole 1 MiB write in there, and the write-back thread can run meanwhile.
    README "Performance" has the figures.
 
+3. lseek: pyfuse3 has no handler either, so SEEK_DATA / SEEK_HOLE on a raw file could not see the holes
+   (cp, tar -S, qemu-img convert and nbdcopy look for them). The handler calls
+   ``operations.lseek(fh, offset, whence)`` for the new offset and answers ENOSYS without such a method,
+   so the kernel falls back to treating the whole file as data; ``pyfuse3.LSEEK_SUPPORTED`` marks it.
+
 ``pyfuse3.VHDXFS_PATCH_LEVEL`` tells setup.sh whether an installed build has every patch.
 Every change checks its anchor, so a different pyfuse3 version fails loudly instead of silently.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PATCH_LEVEL = 3
+PATCH_LEVEL = 4
 
 HANDLER = '''
 
@@ -50,6 +55,32 @@ async def fuse_fallocate_async (_Container c):
 
     if ret != 0:
         log.error('fuse_fallocate(): fuse_reply_* failed with %s', strerror(-ret))
+'''
+
+LSEEK_HANDLER = '''
+
+cdef void fuse_lseek (fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info *fi):
+    cdef _Container c = _Container()
+    c.req = req
+    c.off = off
+    c.flags = whence
+    c.fh = fi.fh
+    save_retval(fuse_lseek_async(c))
+
+async def fuse_lseek_async (_Container c):
+    cdef int ret
+    handler = getattr(operations, 'lseek', None)
+    try:
+        if handler is None:
+            raise FUSEError(errno.ENOSYS)
+        offset = await handler(c.fh, c.off, c.flags)
+    except FUSEError as e:
+        ret = fuse_reply_err(c.req, e.errno)
+    else:
+        ret = fuse_reply_lseek(c.req, offset)
+
+    if ret != 0:
+        log.error('fuse_lseek(): fuse_reply_* failed with %s', strerror(-ret))
 '''
 
 # _session_loop's body, from its loop to its last log line, is replaced by NEW_LOOP.
@@ -145,6 +176,21 @@ def patch_fallocate(pkg: Path) -> None:
                  f"VHDXFS_PATCH_LEVEL = {PATCH_LEVEL}  # patched by vhdxfs: see packaging/patch_pyfuse3.py\n")
 
 
+def patch_lseek(pkg: Path) -> None:
+    include = pkg.parent.parent / "Include" / "fuse_lowlevel.pxd"
+    insert_after(include, "                      fuse_pollhandle *ph) except *\n",
+                 "        void (*lseek) (fuse_req_t req, fuse_ino_t ino, off_t off, int whence,\n"
+                 "                       fuse_file_info *fi) except *\n")
+    insert_after(include, "    int fuse_reply_poll(fuse_req_t req, unsigned revents)\n",
+                 "    int fuse_reply_lseek(fuse_req_t req, off_t off)\n")
+    handlers = pkg / "handlers.pxi"
+    if "fuse_lseek" not in handlers.read_text():
+        handlers.write_text(handlers.read_text() + LSEEK_HANDLER)
+    insert_after(pkg / "internal.pxi", "    fuse_ops.fsync = fuse_fsync\n", "    fuse_ops.lseek = fuse_lseek\n")
+    insert_after(pkg / "__init__.pyx", "default_options = frozenset(('default_permissions',))\n",
+                 "LSEEK_SUPPORTED = True  # patched by vhdxfs: SEEK_DATA/SEEK_HOLE reach Operations.lseek\n")
+
+
 def patch_session_loop(pkg: Path) -> None:
     internal = pkg / "internal.pxi"
     source = internal.read_text()
@@ -167,6 +213,7 @@ def patch_session_loop(pkg: Path) -> None:
 def main(src: str) -> None:
     pkg = Path(src) / "src" / "pyfuse3"
     patch_fallocate(pkg)
+    patch_lseek(pkg)
     patch_session_loop(pkg)
     # The C file shipped in the sdist is stale now; the build regenerates it with Cython.
     (pkg / "__init__.c").unlink(missing_ok=True)

@@ -72,3 +72,18 @@ class FakeDisk:
         if self.closed:
             raise VhdxError("closed twice", path=self.path)
         self.closed = True
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list:
+        """Data where the bytes are not zero, holes elsewhere, at 64 KiB grain (what lseek and st_blocks use)."""
+        from vhdxfs.engine import Extent, Kind
+
+        end = self.size if length is None else offset + length
+        out: list = []
+        for start in range(offset, end, 65536):
+            n = min(65536, end - start)
+            kind = Kind.DATA if any(self.data[start:start + n]) else Kind.HOLE
+            if out and out[-1].kind == kind:
+                out[-1] = out[-1]._replace(length=out[-1].length + n)
+            else:
+                out.append(Extent(start, n, kind, self.path, 0))
+        return out

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pyfuse3
 
+from ..engine import Kind
 from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
 
 log = logging.getLogger("vhdxfs.mount")
 
+ALLOCATION_RECOUNT = 5.0  # seconds
+SEEK_WINDOW = 4 << 30  # SEEK_DATA / SEEK_HOLE look at the extents this much at a time
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -39,6 +42,17 @@ class RawFile:
         self.name = name
         self.disk = disk
         self.unflushed = False
+        self.allocated = None  # bytes holding data, and when they were counted (st_blocks)
+        self.counted_at = 0.0
+
+    async def allocated_bytes(self) -> int:
+        """Bytes of the disk that hold data (through the chain), recounted at most every few seconds: cp and
+        tar look for holes only when st_blocks says the file is sparse."""
+        now = time.monotonic()
+        if self.allocated is None or now - self.counted_at > ALLOCATION_RECOUNT:
+            self.allocated = sum(e.length for e in await self.disk.extents() if e.kind == Kind.DATA)
+            self.counted_at = now
+        return self.allocated
 
 
 def _fuse_errors(fn: Callable) -> Callable:
@@ -110,8 +124,17 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return a
 
+    async def _file_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """_attrs, with st_blocks counting only the bytes that hold data (the raw file is sparse)."""
+        attrs = self._attrs(inode)
+        f = self.files.get(inode)
+        if f is not None:
+            attrs.st_blocks = -(-await f.allocated_bytes() // 512)
+        return attrs
+
+    @_fuse_errors
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        return self._attrs(inode)
+        return await self._file_attrs(inode)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         if parent_inode != pyfuse3.ROOT_INODE:
@@ -121,7 +144,7 @@ class RawFilesOperations(pyfuse3.Operations):
         f = self.by_name.get(name)
         if f is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(f.inode)
+        return await self._file_attrs(f.inode)
 
     async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
         """Sizes are fixed (resize is an offline tool); times and modes are accepted and not stored."""
@@ -215,6 +238,24 @@ class RawFilesOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         return None
+
+    @_fuse_errors
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE from the engine's extents (the kernel answers SEEK_SET/CUR/END itself)."""
+        disk = self.files[fh].disk
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if offset < 0 or offset >= disk.size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        pos = offset
+        while pos < disk.size:
+            for e in await disk.extents(pos, min(SEEK_WINDOW, disk.size - pos)):
+                if (e.kind == Kind.DATA) == (whence == os.SEEK_DATA):
+                    return max(offset, e.offset)
+            pos += min(SEEK_WINDOW, disk.size - pos)
+        if whence == os.SEEK_HOLE:
+            return disk.size  # the end of a file counts as a hole
+        raise pyfuse3.FUSEError(errno.ENXIO)
 
     @_fuse_errors
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils qemu-system-common
           libvhdi-utils fio e2fsprogs dosfstools util-linux systemd kmod
-          libnbd-bin nbd-client openssl)
+          libnbd-bin nbd-client openssl man-db bash-completion)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 missing=()
@@ -41,3 +41,12 @@ if [ ! -x .venv/bin/vhdxfs ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch .venv/.installed
 fi
+
+# Manual pages and bash completion (generated from the parsers: packaging/make_docs.py), so that
+# `man vhdxfs` and completion work in a fresh shell. Copied only when they changed.
+install_doc() {  # SRC DST
+  if ! cmp -s "$1" "$2" 2>/dev/null; then $SUDO install -D -m 0644 "$1" "$2"; fi
+}
+install_doc packaging/man/vhdxfs.1 /usr/local/share/man/man1/vhdxfs.1
+install_doc packaging/man/mount.fuse.vhdxfs.8 /usr/local/share/man/man8/mount.fuse.vhdxfs.8
+install_doc packaging/completion/vhdxfs /usr/local/share/bash-completion/completions/vhdxfs

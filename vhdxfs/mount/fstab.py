@@ -9,30 +9,36 @@ point itself is ``vhdxfs.cli.mount_helper``, which runs the translated command l
 
 from __future__ import annotations
 
+import argparse
+
 DROPPED = {"defaults", "rw", "noauto", "auto", "nofail", "_netdev", "user", "users", "nouser", "owner",
            "noatime", "relatime", "atime", "strictatime", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
            "sync", "async", "lazytime", "nolazytime"}
 
 
+def parser() -> argparse.ArgumentParser:
+    """mount(8)'s way of calling the helper (also the source of mount.fuse.vhdxfs(8))."""
+    p = argparse.ArgumentParser(
+        prog="mount.fuse.vhdxfs",
+        description="The helper mount(8) runs for /etc/fstab entries of type fuse.vhdxfs, for example "
+                    "'/srv/vm/disk.vhdx /srv/vm/raw fuse.vhdxfs allow_other,nofail 0 0'. It runs 'vhdxfs mount' "
+                    "with the options meant for vhdxfs; those meant for mount(8) or systemd (defaults, noauto, "
+                    "nofail, _netdev, x-systemd.*, comment=...) are dropped.")
+    p.add_argument("source", metavar="IMAGE[:IMAGE...]", help="one image, or several separated by colons")
+    p.add_argument("target", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated options, as in fstab's fourth field (see vhdxfs(1), mount)")
+    for flag, what in (("-n", "no mtab"), ("-s", "sloppy"), ("-f", "fake"), ("-v", "verbose")):
+        p.add_argument(flag, action="store_true", help=f"mount(8)'s own flag ({what}): accepted and ignored")
+    return p
+
+
 def translate(argv: list[str]) -> list[str]:
     """mount(8)'s arguments -> vhdxfs's: ['src', 'dst', '-o', 'a,b'] -> ['mount', '-o', 'a', 'src', 'dst']."""
-    positional: list[str] = []
-    options: list[str] = []
-    it = iter(argv)
-    for arg in it:
-        if arg == "-o":
-            options.extend(next(it, "").split(","))
-        elif arg.startswith("-o") and len(arg) > 2:
-            options.extend(arg[2:].split(","))
-        elif arg in ("-n", "-s", "-f", "-v"):  # mount(8)'s own flags: no mtab, sloppy, fake, verbose
-            continue
-        else:
-            positional.append(arg)
-    if len(positional) != 2:
-        raise SystemExit("usage: mount.fuse.vhdxfs IMAGE[:IMAGE...] MOUNTPOINT [-o OPTIONS]")
-    source, target = positional
+    args = parser().parse_args(argv)
+    options = [o for group in args.options for o in group.split(",")]
     kept = [o for o in options if o and o not in DROPPED and not o.startswith(("x-", "comment="))]
     out = ["mount"]
     if kept:
         out += ["-o", ",".join(kept)]
-    return out + source.split(":") + [target]
+    return out + args.source.split(":") + [args.target]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import grp
 import logging
 import os
+import pwd
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +25,8 @@ from .operations import raw_name
 
 log = logging.getLogger("vhdxfs.mount")
 UMOUNT_TIMEOUT = float(os.environ.get("VHDXFS_UMOUNT_TIMEOUT", "600"))
+FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = "/etc/fuse.conf"  # where fusermount3 looks for user_allow_other
 
 
 def parse_options(text: list[str], config: MountConfig) -> None:
@@ -66,6 +72,89 @@ def check_arguments(config: MountConfig) -> None:
         raise VhdxError(f"already mounted ({entry.fstype} from {entry.source}); unmount it first", path=mnt)
     if not Path(mnt).is_dir():
         raise VhdxError("mount point does not exist or is not a directory", path=mnt)
+    if os.geteuid() != 0:
+        check_plain_user(config)
+
+
+def _owner(st: os.stat_result) -> str:
+    try:
+        return pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        return str(st.st_uid)
+
+
+def _group(st: os.stat_result) -> str:
+    try:
+        return grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        return str(st.st_gid)
+
+
+def allows_other(conf: bytes) -> bool:
+    """Whether fusermount3 finds user_allow_other in fuse.conf: a line of its own, comments ('#') and blanks
+    aside, ended by a newline (fusermount3 ignores a last line that has none)."""
+    lines = conf.split(b"\n")[:-1]  # the part after the last newline is not a line to fusermount3
+    return any(line.split(b"#", 1)[0].strip() == b"user_allow_other" for line in lines)
+
+
+def check_plain_user(config: MountConfig) -> None:
+    """What fusermount3 (or opening the images) would refuse a user other than root, said before anything is
+    mounted, with what to do about it: today's failures are only "fuse_session_mount failed" or a bare
+    "Permission denied". Root passes all of these, so this is not called for root."""
+    try:
+        dev = os.stat(FUSE_DEVICE)
+    except FileNotFoundError:
+        raise VhdxError("no such device, so nothing can be mounted; an administrator loads the fuse module "
+                        "(modprobe fuse)", path=FUSE_DEVICE, errno=errno.ENODEV) from None
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        group = _group(dev)
+        if dev.st_gid == 0:
+            via_group = "give it a group of its own with mode 0660 and add you to that group"
+        elif dev.st_mode & 0o060 == 0o060:
+            via_group = f"add you to its group {group}"
+        else:
+            via_group = f"make it 0660 and add you to its group {group}"
+        raise VhdxError(f"you may not read and write it ({stat.filemode(dev.st_mode)} {_owner(dev)}:{group}), so "
+                        f"FUSE cannot mount for you; an administrator can make it 0666 (as Debian's udev rule "
+                        f"does) or {via_group}", path=FUSE_DEVICE, errno=errno.EACCES)
+    wants = [opt for opt in ("allow_other", "allow_root")
+             if opt in config.fuse_options or (opt == "allow_other" and config.allow_other)]
+    if wants:
+        try:
+            with open(FUSE_CONF, "rb") as f:
+                conf = f.read()
+        except FileNotFoundError:
+            conf = b""
+        except OSError as exc:
+            raise VhdxError(f"you may not read it ({exc.strerror}), so fusermount3 cannot find user_allow_other "
+                            f"there and refuses -o {wants[0]}; an administrator makes it readable (chmod 0644)",
+                            path=FUSE_CONF, errno=errno.EACCES) from None
+        if not allows_other(conf):
+            if allows_other(conf + b"\n"):
+                raise VhdxError("its last line, user_allow_other, has no newline at its end, so fusermount3 "
+                                "ignores it; an administrator adds the newline", path=FUSE_CONF, errno=errno.EPERM)
+            raise VhdxError(f"-o {wants[0]} needs a line 'user_allow_other' here when a user other than root "
+                            f"mounts; an administrator adds it (or mount without {wants[0]})", path=FUSE_CONF,
+                            errno=errno.EPERM)
+    mnt = config.mountpoint
+    st = os.stat(mnt)
+    if st.st_uid != os.getuid() and st.st_mode & stat.S_ISVTX:
+        raise VhdxError(f"mount point is {_owner(st)}'s, not yours, and has the sticky bit set; fusermount3 lets "
+                        f"a user other than root mount only on a directory of their own (mkdir one, e.g. ~/mnt)",
+                        path=mnt, errno=errno.EPERM)
+    if not os.access(mnt, os.W_OK | os.X_OK):
+        if st.st_uid == os.getuid():
+            raise VhdxError(f"you may not write to this mount point ({stat.filemode(st.st_mode)}), and "
+                            f"fusermount3 requires it of a user other than root; chmod u+wx it", path=mnt,
+                            errno=errno.EPERM)
+        raise VhdxError(f"mount point is {_owner(st)}'s ({stat.filemode(st.st_mode)}), not yours, and you may not "
+                        f"write to it; fusermount3 lets a user other than root mount only on a directory they may "
+                        f"write (mkdir one of your own, e.g. ~/mnt)", path=mnt, errno=errno.EPERM)
+    if not config.read_only:
+        for image in config.images:
+            if os.access(image, os.R_OK) and not os.access(image, os.W_OK):
+                raise VhdxError("you may only read this image; mount it with -o ro (or get write access to it)",
+                                path=image, errno=errno.EACCES)
 
 
 def run_mount(args: argparse.Namespace) -> int:

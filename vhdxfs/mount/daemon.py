@@ -106,7 +106,8 @@ def _capture_stderr() -> Iterator[list[str]]:
             os.close(saved)
             tmp.seek(0)
             text = tmp.read().decode(errors="replace")
-            lines.extend(line.strip() for line in text.splitlines() if line.strip().startswith(("fuse:", "fusermount3:")))
+            said = (line.strip() for line in text.splitlines())
+            lines.extend(line for line in said if line.startswith(("fuse:", "fusermount3:")))
             if text and not failed:
                 os.write(2, text.encode())
 

@@ -31,13 +31,14 @@ async def handle_client(stream: trio.abc.Stream, exports: Exports, stopping: tri
             return
         log.debug("a client uses export %s", session.export.name)
         await Transmission(wire, session).run(stopping)
-    except Aborted as exc:
-        log.debug("negotiation ended: %s", exc)
-    except p.ProtocolError as exc:
-        log.warning("disconnecting a client that broke the protocol: %s", exc)
-    except Closed as exc:
-        log.debug("client gone: %s", exc)
-    except Exception:  # a bug must cost one connection, not the server and every other client
+    # trio nurseries raise exception groups: except* takes each kind out of them.
+    except* Aborted as group:
+        log.debug("negotiation ended: %s", group.exceptions[0])
+    except* p.ProtocolError as group:
+        log.warning("disconnecting a client that broke the protocol: %s", group.exceptions[0])
+    except* Closed as group:
+        log.debug("client gone: %s", group.exceptions[0])
+    except* Exception:  # a bug must cost one connection, not the server and every other client
         log.exception("connection failed")
     finally:
         await wire.aclose()

@@ -30,6 +30,7 @@ class Wire:
         self._sent_callbacks: list[Callable[[], None]] = []
         self._wake_sender = trio.Event()
         self._closing = False
+        self._sending = False  # the sender task is writing: nothing may go to the socket beside it
         socket = getattr(stream, "socket", None)  # a plain socket can be written to directly; TLS cannot
         self._fd = socket.fileno() if socket is not None else -1
 
@@ -83,7 +84,7 @@ class Wire:
     def queue(self, parts: tuple, on_sent: Callable[[], None] | None = None) -> None:
         """Send one message: at once when nothing waits before it and the socket takes it all, else through
         the sender task. ``on_sent`` runs once it is written (or the peer is gone)."""
-        if not self._out and self._fd >= 0:
+        if not self._out and not self._sending and self._fd >= 0:
             parts = _write_now(self._fd, parts)
             if not parts:
                 if on_sent is not None:
@@ -104,6 +105,7 @@ class Wire:
             parts, self._out = self._out, []
             callbacks, self._sent_callbacks = self._sent_callbacks, []
             if parts and not broken:
+                self._sending = True
                 try:
                     if sock is not None:
                         await _send_gathered(sock, parts)
@@ -111,6 +113,8 @@ class Wire:
                         await self.stream.send_all(b"".join(parts))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     broken = True  # the client is gone: replies are dropped, their budget still released
+                finally:
+                    self._sending = False
             for callback in callbacks:
                 callback()
             if self._closing and not self._out:

@@ -43,6 +43,11 @@ def check_config(config: ServeConfig) -> None:
         raise UsageError("TLS needs --tls-cert and --tls-key (and --tls-ca only with them)", field="--tls-cert")
 
 
+def _absolute(path: str | None) -> str | None:
+    """Paths as given, made absolute now: the daemon works from / (it keeps no directory busy)."""
+    return os.path.abspath(path) if path else None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     images = [os.path.abspath(i) for i in args.images]
     options = [o for o in ",".join(args.options).split(",") if o]
@@ -52,7 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(images=images, read_only="ro" in options,
                          parent=os.path.abspath(args.parent) if args.parent else None,
                          socket=os.path.abspath(args.socket) if args.socket else None, listen=args.listen,
-                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+                         tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),
+                         tls_ca=_absolute(args.tls_ca),
                          insecure_no_tls=args.insecure_no_tls, handshake_timeout=args.handshake_timeout,
                          debug=args.debug)
     if not config.listen and not config.socket:

@@ -10,6 +10,7 @@ life of the daemon, so a second one cannot cut the close short.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -62,7 +63,14 @@ def _listening_sockets(config: ServeConfig, tls: bool) -> tuple[list, str | None
     """The sockets to serve on, and the unix socket path this server made (to remove when it stops)."""
     made = None
     socks = lsn.inherited_sockets()
-    if not socks:
+    if socks:  # socket activation: the server is known by the socket systemd gave it (records, vhdxfs stop)
+        name = socks[0].getsockname()
+        if isinstance(name, str):
+            config.socket, config.listen = name, None
+        else:
+            host = name[0]
+            config.listen = f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+    else:
         if config.listen:
             socks = lsn.tcp_sockets(*lsn.parse_address(config.listen))
         else:
@@ -139,6 +147,9 @@ async def _serve(config: ServeConfig, ready: Ready, clients: Clients) -> None:
         disks = await _open(config)
     except VhdxError as exc:
         lsn.close_all(socks)
+        if made:
+            with contextlib.suppress(OSError):
+                os.unlink(made)
         ready(str(exc))
         return
     exports = Exports({export_name(d.path): Export(export_name(d.path), d) for d in disks}, tls,

@@ -30,7 +30,7 @@ async def handle_client(stream: trio.abc.Stream, exports: Exports, stopping: tri
         if session is None:
             return
         log.debug("a client uses export %s", session.export.name)
-        await Transmission(wire, session).run(stopping)
+        await Transmission(wire, session, exports.budget).run(stopping)
     # trio nurseries raise exception groups: except* takes each kind out of them.
     except* Aborted as group:
         log.debug("negotiation ended: %s", group.exceptions[0])

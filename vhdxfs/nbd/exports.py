@@ -64,6 +64,7 @@ class Exports:
     by_name: dict[str, Export] = field(default_factory=dict)
     tls: ssl.SSLContext | None = None
     handshake_timeout: float = 30.0
+    budget: object = None  # transmission.ByteBudget: the data in flight of every connection together
 
     def find(self, name: str) -> Export | None:
         """The export called ``name``; the empty name is the default export when there is only one."""

@@ -65,7 +65,7 @@ async def negotiate(wire: Wire, exports: Exports) -> Session:
 
 
 async def _reply(wire: Wire, option: int, kind: int, message: str = "") -> None:
-    await wire.send(p.option_reply(option, kind, message.encode()))
+    await wire.send(p.option_reply(option, kind, p.utf8_prefix(message)))
 
 
 async def _option(wire: Wire, exports: Exports, session: Session, option: int, data: bytes) -> bool:

@@ -131,7 +131,18 @@ def server_greeting() -> bytes:
     return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
 
+def _whole(data: bytes, size: int, what: str) -> None:
+    if len(data) != size:
+        raise ProtocolError(f"{what}: {len(data)} bytes, not {size}")
+
+
+def utf8_prefix(text: str, limit: int = MAX_STRING) -> bytes:
+    """``text`` as UTF-8, cut to at most ``limit`` bytes without splitting a character."""
+    return text.encode()[:limit].decode(errors="ignore").encode()
+
+
 def parse_client_flags(data: bytes) -> int:
+    _whole(data, 4, "client flags")
     (flags,) = struct.unpack(">I", data)
     if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
         raise ProtocolError(f"unknown client flags 0x{flags:x}")
@@ -143,6 +154,7 @@ OPTION_HEADER_SIZE = _OPTION_HEADER.size
 
 def parse_option_header(data: bytes) -> tuple[int, int]:
     """(option, length of its data) from the 16-byte option header."""
+    _whole(data, _OPTION_HEADER.size, "option header")
     magic, option, length = _OPTION_HEADER.unpack(data)
     if magic != IHAVEOPT:
         raise ProtocolError(f"bad option magic 0x{magic:x}")
@@ -222,7 +234,7 @@ def info_export(size: int, flags: int) -> bytes:
 
 
 def info_text(kind: int, text: str) -> bytes:
-    return struct.pack(">H", kind) + text.encode()[:MAX_STRING]
+    return struct.pack(">H", kind) + utf8_prefix(text)
 
 
 def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
@@ -253,6 +265,7 @@ class Request:
 
 def parse_request(data: bytes) -> Request:
     """A request header (28 bytes); a bad magic ends the session (nothing after it can be trusted)."""
+    _whole(data, REQUEST.size, "request header")
     magic, flags, kind, cookie, offset, length = REQUEST.unpack(data)
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"bad request magic 0x{magic:x}")
@@ -282,7 +295,7 @@ def none_chunk(cookie: int) -> bytes:
 
 
 def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    text = message.encode()[:MAX_STRING]
+    text = utf8_prefix(message)
     return chunk(cookie, REPLY_TYPE_ERROR, 6 + len(text), done=True) + struct.pack(">IH", error, len(text)) + text
 
 

@@ -26,6 +26,7 @@ from ..service.records import record_path, write_record
 from . import listeners as lsn
 from .connection import handle_client
 from .exports import Export, Exports, export_name
+from .transmission import SERVER_BUDGET, ByteBudget
 
 log = logging.getLogger("vhdxfs.nbd")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -154,6 +155,7 @@ async def _serve(config: ServeConfig, ready: Ready, clients: Clients) -> None:
         return
     exports = Exports({export_name(d.path): Export(export_name(d.path), d) for d in disks}, tls,
                       config.handshake_timeout)
+    exports.budget = ByteBudget(SERVER_BUDGET)  # the data in flight of all connections: bounded with many
     pidfile = state_file(config)
     try:
         async with trio.open_nursery() as nursery:

@@ -25,7 +25,9 @@ from .handshake import Session
 from .wire import Closed, Wire, cancel_when_set
 
 log = logging.getLogger("vhdxfs.nbd")
+STOP_GRACE = 2.0  # once the server stops, how long replies may wait for a client to take them
 BUDGET = 64 << 20  # data bytes of one connection's requests in flight
+SERVER_BUDGET = 160 << 20  # ... and of every connection together (Exports.budget)
 MAX_IN_FLIGHT = 256  # requests of one connection in flight
 BLOCK_STATUS_COST = 64 << 10  # budget taken by a block status reply
 MAX_DESCRIPTORS = 1 << 16  # per block status reply (the protocol's limit is 2**20)
@@ -66,47 +68,73 @@ def wire_error(exc: BaseException) -> int:
 class Transmission:
     """One connection's transmission phase."""
 
-    def __init__(self, wire: Wire, session: Session) -> None:
+    def __init__(self, wire: Wire, session: Session, shared: ByteBudget | None = None) -> None:
         self.wire = wire
         self.session = session
         self.export = session.export
         self.disk = session.export.disk
+        # Two budgets: this connection's own, so one client that never reads its replies holds at most
+        # BUDGET, and the server's, so many connections together stay under SERVER_BUDGET.
         self.budget = ByteBudget(BUDGET)
+        self.shared = shared or ByteBudget(SERVER_BUDGET)
         self.slots = trio.Semaphore(MAX_IN_FLIGHT)
 
     async def run(self, stopping: trio.Event) -> None:
         """Serve requests until NBD_CMD_DISC, the client leaving, a protocol violation or ``stopping``;
         requests in flight always finish (their replies may find the client gone)."""
         async with trio.open_nursery() as sending:
-            sending.start_soon(self.wire.sender)
+            sending.start_soon(self._sender, stopping)
             try:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as reading:
                         reading.start_soon(cancel_when_set, stopping, reading.cancel_scope)
+                        reading.start_soon(cancel_when_set, self.wire.broken, reading.cancel_scope)
                         await self._read_requests(handlers)
                         reading.cancel_scope.cancel()
             finally:
                 self.wire.finish_sending()
 
+    async def _sender(self, stopping: trio.Event) -> None:
+        """The wire's sender; once the server stops, replies a client has not taken within STOP_GRACE are dropped."""
+        async with trio.open_nursery() as nursery:
+            async def give_up() -> None:
+                await stopping.wait()
+                await trio.sleep(STOP_GRACE)
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(give_up)
+            await self.wire.sender()
+            nursery.cancel_scope.cancel()
+
     async def _read_requests(self, handlers: trio.Nursery) -> None:
+        taken = None
         try:
             while True:
                 request = p.parse_request(await self.wire.exactly(p.REQUEST_SIZE))
                 if request.type == p.CMD_DISC:
                     return
+                if request.type == p.CMD_WRITE and request.length > MAX_PAYLOAD:
+                    raise p.ProtocolError(f"a WRITE of {request.length} bytes, more than {MAX_PAYLOAD}")
                 await self.slots.acquire()
                 cost = self._cost(request)
+                taken = 0  # the slot at least is given back below if no reply will give it back
                 await self.budget.acquire(cost)
+                try:
+                    await self.shared.acquire(cost)
+                except BaseException:
+                    self.budget.release(cost)
+                    raise
+                taken = cost
                 if request.type == p.CMD_READ and not self._refusal(request):
                     data = self.disk.read_now(request.offset, request.length) if request.length else None
                     if data is not None:  # served here: no task, no trip through the scheduler
+                        taken = None
                         self.wire.queue(self._read_reply(request, data), functools.partial(self._done, cost))
                         continue
                 payload = None
                 if request.type == p.CMD_WRITE:
-                    if request.length > MAX_PAYLOAD:
-                        raise p.ProtocolError(f"a WRITE of {request.length} bytes, more than {MAX_PAYLOAD}")
                     payload = await self.wire.payload(request.length)
+                taken = None
+                if request.type == p.CMD_WRITE:
                     if not request.flags & p.CMD_FLAG_FUA and not self._refusal(request) \
                             and self.disk.write_now(request.offset, payload):
                         self.wire.queue(self._ok(request), functools.partial(self._done, cost))
@@ -116,6 +144,9 @@ class Transmission:
             log.debug("client gone: %s", exc)
         except p.ProtocolError as exc:
             log.warning("disconnecting a client that broke the protocol: %s", exc)
+        finally:
+            if taken is not None:
+                self._done(taken)
 
     @staticmethod
     def _cost(request: p.Request) -> int:
@@ -137,6 +168,7 @@ class Transmission:
             self.wire.queue(reply, functools.partial(self._done, cost))
 
     def _done(self, cost: int) -> None:
+        self.shared.release(cost)
         self.budget.release(cost)
         self.slots.release()
 
@@ -147,7 +179,7 @@ class Transmission:
             return p.EINVAL  # an unknown command, or a flag it does not take
         if request.type in _WRITING and self.export.read_only:
             return p.EPERM
-        if request.type == p.CMD_BLOCK_STATUS and not self.session.contexts:
+        if request.type == p.CMD_BLOCK_STATUS and (not self.session.contexts or not request.length):
             return p.EINVAL
         if request.type == p.CMD_READ and request.length > MAX_PAYLOAD:
             return p.EOVERFLOW if request.flags & p.CMD_FLAG_DF else p.EINVAL
@@ -204,6 +236,8 @@ class Transmission:
 
     def _read_reply(self, request: p.Request, data: bytes | bytearray) -> tuple:
         if self.session.structured:
+            if not request.length:  # a content chunk must describe at least one byte
+                return (p.none_chunk(request.cookie),)
             return p.data_chunk_header(request.cookie, request.offset, request.length, done=True), data
         return p.simple_reply(request.cookie), data
 

@@ -30,6 +30,7 @@ class Wire:
         self._sent_callbacks: list[Callable[[], None]] = []
         self._wake_sender = trio.Event()
         self._closing = False
+        self.broken = trio.Event()  # a send found the peer gone: stop reading its requests
         self._sending = False  # the sender task is writing: nothing may go to the socket beside it
         socket = getattr(stream, "socket", None)  # a plain socket can be written to directly; TLS cannot
         self._fd = socket.fileno() if socket is not None else -1
@@ -112,7 +113,8 @@ class Wire:
                     else:
                         await self.stream.send_all(b"".join(parts))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    broken = True  # the client is gone: replies are dropped, their budget still released
+                    broken = True
+                    self.broken.set()  # the client is gone: replies are dropped, their budget still released
                 finally:
                     self._sending = False
             for callback in callbacks:

@@ -42,7 +42,9 @@ class Allocation:
         """File offset of ``length`` fresh bytes (reading as zeros). Call with the lock held."""
         file_offset, extends = self.allocator.allocate(length)
         if extends:
-            yield (self.io.truncate, self.allocator.file_end)
+            end = file_offset + length
+            yield (self.io.truncate, end)
+            self.allocator.grew(end)
         return file_offset
 
     def allocate(self, block: int) -> Step:

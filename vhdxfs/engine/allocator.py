@@ -1,8 +1,10 @@
 """File space for new payload and sector bitmap blocks: 1 MiB aligned, at the end of the file or reused.
 
-Space freed by a discard is reused only after the BAT change that freed it is durable (the engine calls
-``release_pending`` after each commit): before that, a crash could leave the old BAT entry pointing at
-space that now holds another block's data, and reads would leak it (spec note <11>).
+Space freed by a discard is reused only after the BAT change that freed it is durable: a flush takes the
+pending ranges together with its dirty pages (``take_pending``) and frees exactly those once its commit is
+durable (``reuse``). Before that, a crash could leave the old BAT entry pointing at space that now holds
+another block's data, and reads would leak it (spec note <11>); and a range freed while the flush commits
+is not in its pages, so it waits for the next flush.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from ..format.constants import MiB
 class Allocator:
     def __init__(self, file_end: int) -> None:
         self.file_end = -(-file_end // MiB) * MiB
+        # How far the file has really grown: ``file_end`` counts space handed out whose growth (a truncate)
+        # may still be under way, and a log entry must never claim a file longer than it is.
+        self.grown = self.file_end
         self.free: dict[int, list[int]] = {}  # length -> offsets whose holes were punched
         self.pending: list[tuple[int, int]] = []  # (offset, length) freed by changes not yet committed
 
@@ -25,12 +30,24 @@ class Allocator:
         self.file_end += length
         return offset, True
 
+    def grew(self, size: int) -> None:
+        """The file is now at least ``size`` bytes long."""
+        self.grown = max(self.grown, size)
+
     def release(self, offset: int, length: int) -> None:
         """The block at ``offset`` is no longer referenced by the in-memory BAT (its hole is punched)."""
         self.pending.append((offset, length))
 
-    def release_pending(self) -> None:
-        """The BAT changes that freed the pending ranges are durable: they may now be reused."""
-        for offset, length in self.pending:
+    def take_pending(self) -> list[tuple[int, int]]:
+        """The ranges freed so far, handed to a flush (which gives them back with ``keep_pending`` if it fails
+        or cannot free them yet)."""
+        pending, self.pending = self.pending, []
+        return pending
+
+    def keep_pending(self, ranges: list[tuple[int, int]]) -> None:
+        self.pending[:0] = ranges
+
+    def reuse(self, ranges: list[tuple[int, int]]) -> None:
+        """The BAT changes that freed ``ranges`` are durable and nothing in flight still uses them."""
+        for offset, length in ranges:
             self.free.setdefault(length, []).append(offset)
-        self.pending.clear()

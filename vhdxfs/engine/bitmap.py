@@ -66,14 +66,16 @@ class SectorBitmaps:
         self.dirty = DirtySet()  # (chunk, page)
 
     def load(self, chunk: int, state: int, file_offset: int) -> bytearray:
+        """The chunk's bitmap, read on first use. Loads may run at once (in worker threads, for a read and a
+        write of the same chunk): the first one stored wins, so marks made in it meanwhile are never lost."""
         bits = self.blocks.get(chunk)
         if bits is None:
             if state == BitmapState.PRESENT:
-                bits = bytearray(self._read_block(file_offset))
-                self.offsets[chunk] = file_offset
+                loaded = bytearray(self._read_block(file_offset))
+                self.offsets.setdefault(chunk, file_offset)
             else:
-                bits = bytearray(SECTOR_BITMAP_BLOCK_SIZE)
-            self.blocks[chunk] = bits
+                loaded = bytearray(SECTOR_BITMAP_BLOCK_SIZE)
+            bits = self.blocks.setdefault(chunk, loaded)
         return bits
 
     def place(self, chunk: int, file_offset: int) -> None:

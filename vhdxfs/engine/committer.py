@@ -27,7 +27,9 @@ class Committer:
         if allocation.bitmaps is not None:
             sources.append(allocation.bitmaps)
         self._sources = sources
-        self.inflight_writes = 0  # writes between their allocation and their sector marks
+        # Reads and writes between their BAT lookup and the end of their host I/O: while any is in flight,
+        # freed space is not reused (it may still be read or written at its old place).
+        self.in_flight = 0
         self.io: StepIO
         self.lock = None
 
@@ -44,18 +46,22 @@ class Committer:
         """Every write issued so far is durable once this returns: data first, then the pages via the log."""
         yield (self.io.acquire, self.lock)
         try:
+            allocator = self.allocation.allocator
             batch = PageBatch(self._sources)
-            file_end = self.allocation.allocator.file_end
+            freed = allocator.take_pending()  # discards in these pages; later ones wait for the next flush
+            file_end = allocator.grown  # the file's real length: growth still under way is not claimed
             try:
                 yield (self.io.fdatasync,)
-                if not batch.pages:
-                    return
-                yield (self.io.call, self._journal, batch.pages, file_end)
+                if batch.pages:
+                    yield (self.io.call, self._journal, batch.pages, file_end)
             except BaseException:
                 batch.restore()
+                allocator.keep_pending(freed)
                 raise
-            if self.inflight_writes == 0:
-                self.allocation.allocator.release_pending()
+            if self.in_flight == 0:
+                allocator.reuse(freed)
+            else:
+                allocator.keep_pending(freed)
         finally:
             self.lock.release()
 

@@ -125,6 +125,14 @@ class DiskCore:
 
     def read(self, offset: int, length: int) -> Step:
         """The bytes of [offset, offset+length) (a bytes-like object)."""
+        committer = self.committer
+        committer.in_flight += 1  # the space read stays ours until the read is done (committer.py)
+        try:
+            return (yield from self._read(offset, length))
+        finally:
+            committer.in_flight -= 1
+
+    def _read(self, offset: int, length: int) -> Step:
         where = self.locate(offset, length)
         if where >= 0:
             buf = bytearray(length)
@@ -196,7 +204,7 @@ class DiskCore:
         if self.parent is not None:
             offset, view = yield from self._align_to_sectors(offset, view)
         committer = self.committer
-        committer.inflight_writes += 1
+        committer.in_flight += 1
         try:
             where = self.locate(offset, len(view))
             if where >= 0:  # the common case: into one present block
@@ -221,7 +229,7 @@ class DiskCore:
             for block, voff, n in partial:
                 self.allocation.mark_present(block, voff, n)
         finally:
-            committer.inflight_writes -= 1
+            committer.in_flight -= 1
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> Step:
         """The range reads as zeros afterwards (never as the parent). With ``unmap``, whole blocks give their

@@ -60,7 +60,11 @@ class AsyncDisk(DiskFacts):
         where = core.locate(offset, length)
         if where >= 0:  # the common case, without the step machinery: same lookup, same host read
             buf = bytearray(length)
-            await core.io.pread_into(where, memoryview(buf))
+            core.committer.in_flight += 1  # as core.read: the space read stays ours until the read is done
+            try:
+                await core.io.pread_into(where, memoryview(buf))
+            finally:
+                core.committer.in_flight -= 1
             return buf
         return await drive(core.read(offset, length))
 

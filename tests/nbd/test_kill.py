@@ -14,6 +14,7 @@ round starts a new server on the same socket (left over, like the pid record, by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -172,10 +173,11 @@ def fio_load(sock: Path, export: str) -> subprocess.Popen | None:
     """fio's nbd engine (libnbd) writing randomly at queue depth 16 with a flush every 16 writes."""
     if shutil.which("fio") is None:
         return None
-    return subprocess.Popen(["fio", "--name=load", "--ioengine=nbd", f"--uri=nbd+unix:///{export}?socket={sock}",
+    return subprocess.Popen(["fio", "--name=load", "--thread", "--ioengine=nbd", f"--uri=nbd+unix:///{export}?socket={sock}",
                              "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=16", "--fsync=16", "--time_based",
                              "--runtime=60", f"--size={64 * MiB}", "--output=/dev/null"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # --thread: the job dies with fio; the group is killed after
 
 
 def verify(image: Path, ledger: Ledger, rnd: random.Random) -> int:
@@ -229,7 +231,8 @@ def one_round(tmp_path: Path, images: list[Path], ledger: Ledger, rnd: random.Ra
         for thread in threads:
             thread.join(timeout=30)
         if fio is not None:
-            fio.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(fio.pid, signal.SIGKILL)
             fio.wait()
     wait_dead(pid)
     assert not ledger.errors, ledger.errors

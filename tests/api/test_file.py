@@ -166,3 +166,13 @@ async def test_the_async_form_reads_and_writes(image):
     with vhdxfs.open(image) as disk:
         disk.seek(MiB)
         assert disk.read(5) == b"async"
+
+
+def test_zipfile_writes_and_reads_an_archive_inside_the_disk(image):
+    import zipfile
+
+    with vhdxfs.open(image, "r+b") as raw, io.BufferedRandom(raw) as disk:
+        with zipfile.ZipFile(disk, "w") as archive:
+            archive.writestr("hello.txt", "inside a virtual disk")
+    with vhdxfs.open(image) as raw, io.BufferedReader(raw) as disk, zipfile.ZipFile(disk) as archive:
+        assert archive.read("hello.txt") == b"inside a virtual disk"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ..engine.aio import AsyncDisk
+from ..engine.aio import close_disks, open_disks
 from ..errors import VhdxError
 from ..service.daemon import Ready
 from ..service.notify import sd_notify
@@ -65,27 +65,6 @@ def fuse_options(config: MountConfig) -> set[str]:
     if config.allow_other:
         opts.add("allow_other")
     return opts
-
-
-async def open_disks(config: MountConfig) -> list[AsyncDisk]:
-    disks: list[AsyncDisk] = []
-    try:
-        for image in config.images:
-            disks.append(await AsyncDisk.open(image, read_only=config.read_only, parent=config.parent))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await close_disks(disks)
-        raise
-    return disks
-
-
-async def close_disks(disks: list[AsyncDisk]) -> None:
-    for disk in disks:
-        try:
-            await disk.close()
-            log.info("%s: closed cleanly", disk.path)
-        except Exception as exc:  # one image failing to close must not keep the others from closing
-            log.error("%s: could not close cleanly: %s", disk.path, exc)
 
 
 @contextlib.contextmanager
@@ -151,7 +130,7 @@ async def serve(config: MountConfig, ready: Ready) -> None:
 
 async def _serve(config: MountConfig, ready: Ready, stop: _Stop) -> None:
     try:
-        disks = await open_disks(config)
+        disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
     except VhdxError as exc:
         ready(str(exc))
         return

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..engine.aio import AsyncDisk
+from ..engine.aio import close_disks, open_disks
 from ..errors import VhdxError
 from ..service.daemon import Ready
 from ..service.notify import sd_notify
@@ -85,27 +85,6 @@ def _listening_sockets(config: ServeConfig, tls: bool) -> tuple[list, str | None
     return socks, made
 
 
-async def _open(config: ServeConfig) -> list[AsyncDisk]:
-    disks: list[AsyncDisk] = []
-    try:
-        for image in config.images:
-            disks.append(await AsyncDisk.open(image, read_only=config.read_only, parent=config.parent))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await close_disks(disks)
-        raise
-    return disks
-
-
-async def close_disks(disks: list[AsyncDisk]) -> None:
-    for disk in disks:
-        try:
-            await disk.close()
-            log.info("%s: closed cleanly", disk.path)
-        except Exception as exc:  # one image failing to close must not keep the others from closing
-            log.error("%s: could not close cleanly: %s", disk.path, exc)
-
-
 class Clients:
     """The server's connections, so a stop can tell each to finish what it has in flight."""
 
@@ -145,7 +124,7 @@ async def _serve(config: ServeConfig, ready: Ready, clients: Clients) -> None:
         ready(str(exc))
         return
     try:
-        disks = await _open(config)
+        disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
     except VhdxError as exc:
         lsn.close_all(socks)
         if made:

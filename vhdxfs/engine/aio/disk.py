@@ -9,6 +9,7 @@ commit) as trio locks, and translation needs none.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import uuid
 
@@ -20,6 +21,8 @@ from ..hostio import HostFactory, PosixFile
 from ..steps import Step
 from ..translate import Extent
 from .host import AsyncHost
+
+log = logging.getLogger("vhdxfs")
 
 
 async def drive(step: Step):
@@ -114,3 +117,27 @@ class AsyncDisk(DiskFacts):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def open_disks(paths: list[str], *, read_only: bool = False,
+                     parent: str | os.PathLike | None = None) -> list[AsyncDisk]:
+    """Open every image (a daemon serves several); if one fails, the ones opened are closed again."""
+    disks: list[AsyncDisk] = []
+    try:
+        for path in paths:
+            disks.append(await AsyncDisk.open(path, read_only=read_only, parent=parent))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await close_disks(disks)
+        raise
+    return disks
+
+
+async def close_disks(disks: list[AsyncDisk]) -> None:
+    """Close each image cleanly; one failing to close does not keep the others from closing."""
+    for disk in disks:
+        try:
+            await disk.close()
+            log.info("%s: closed cleanly", disk.path)
+        except Exception as exc:
+            log.error("%s: could not close cleanly: %s", disk.path, exc)

@@ -190,6 +190,19 @@ class Server:
     pid: int
     cmd: list[str]
     env: dict = field(default_factory=dict)  # the variables added to the environment, for the report
+    proc: subprocess.Popen | None = None  # when it is our child
+    log: Path | None = None
+
+    def gone(self) -> str | None:
+        """Why the server is no longer there (it exited, its socket vanished), or None while it serves."""
+        if self.proc is not None and self.proc.poll() is not None:
+            said = self.log.read_text().strip().splitlines()[-2:] if self.log and self.log.exists() else []
+            return f"{self.name} exited with status {self.proc.returncode}" + (f": {' / '.join(said)}" if said else "")
+        if self.proc is None and not Path(f"/proc/{self.pid}").exists():
+            return f"{self.name} (pid {self.pid}) is gone"
+        if not self.sock.exists():
+            return f"the socket {self.sock} is gone"
+        return None
 
 
 SERVING: list[Path] = []  # sockets of vhdxfs daemons (not our children): stopped at the latest on exit
@@ -270,7 +283,7 @@ def child_server(name: str, cmd: list[str], sock: Path, work: Path, size: int,
         if proc.poll() is not None:
             said = logf.read_text().strip().splitlines()[-3:] or [f"exit status {proc.returncode}"]
             raise Unavailable(f"{name}: {' / '.join(said)}")
-        srv = Server(name, sock, proc.pid, cmd, env or {})
+        srv = Server(name, sock, proc.pid, cmd, env or {}, proc, logf)
         check_size(srv, size)
         yield srv
     finally:
@@ -527,11 +540,14 @@ class NbdBench:
             self.fill(srv)
             for job in self.jobs:
                 try:
+                    if why := srv.gone():
+                        raise Unavailable(f"not run: {why}")
                     self.sample(srv, job)
                 except Unavailable as exc:  # this job is n/a in this visit; the server may serve the next
-                    self.job_errors.setdefault(name, {}).setdefault(job["name"], []).append(
-                        f"visit {self.visit_no}: {exc}")
-                    log(f"  {name:13} {job['name']:28} failed: {exc}")
+                    why = srv.gone()
+                    msg = f"visit {self.visit_no}: {exc}" + (f" ({why})" if why and "not run" not in str(exc) else "")
+                    self.job_errors.setdefault(name, {}).setdefault(job["name"], []).append(msg)
+                    log(f"  {name:13} {job['name']:28} failed: {msg}")
 
     def sample(self, srv: Server, job: dict) -> None:
         # The daemons write through the host's page cache: a job must not share the machine with the

@@ -17,7 +17,7 @@ class Allocator:
         self.file_end = -(-file_end // MiB) * MiB
         # How far the file has really grown: ``file_end`` counts space handed out whose growth (a truncate)
         # may still be under way, and a log entry must never claim a file longer than it is.
-        self.grown = self.file_end
+        self.grown = file_end  # the real length: not rounded (a log entry would claim more than there is)
         self.free: dict[int, list[int]] = {}  # length -> offsets whose holes were punched
         self.pending: list[tuple[int, int]] = []  # (offset, length) freed by changes not yet committed
 

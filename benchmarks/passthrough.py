@@ -5,8 +5,9 @@
 It has the shape of vhdxfs's mount (one direct_io file, the same FUSE options) and does no translation at
 all, so the gap between it and vhdxfs is what the VHDX engine costs. Two ways to reach the host file:
 
-  hostfile  (default) vhdxfs's own HostFile: page-cache reads inline with RWF_NOWAIT, everything else in
-            its lean worker pool. The fair ceiling: the same host I/O as vhdxfs, translation excluded.
+  hostfile  (default) vhdxfs's own host I/O (engine/aio/host.py): page-cache reads inline with RWF_NOWAIT,
+            writes queued for the write-back thread, everything else in its lean worker pool. The fair
+            ceiling: the same host I/O as vhdxfs, translation excluded.
   threads   plain blocking os.pread/os.pwrite/os.fdatasync in trio.to_thread.run_sync workers. Needs
             nothing from vhdxfs; shows what the generic trio thread hand-off costs per request.
 
@@ -53,12 +54,37 @@ class ThreadIO:
         os.close(self.fd)
 
 
-def open_host(path: str, io: str):
-    if io == "threads":
-        return ThreadIO(path)
-    from vhdxfs.engine.hostfile import HostFile  # needs the repo on PYTHONPATH (the harness sets it)
+class EngineIO:
+    """vhdxfs's own host I/O, as the daemon's engine uses it (engine/aio/host.py): page-cache reads inline
+    with RWF_NOWAIT, writes through the write-back queue, everything else in worker threads."""
 
-    return HostFile(path, writable=True, lock=False)
+    def __init__(self, path: str) -> None:
+        from vhdxfs.engine import PosixFile  # needs the repo on PYTHONPATH (the harness sets it)
+        from vhdxfs.engine.aio.host import AsyncHost
+
+        self.file = PosixFile(path, writable=True, lock=False)
+        self.aio = AsyncHost(self.file)
+
+    def size(self) -> int:
+        return self.file.size()
+
+    async def apread(self, off: int, size: int) -> bytearray:
+        return await self.aio.pread(off, size)
+
+    async def apwrite(self, off: int, buf: bytes) -> None:
+        await self.aio.pwrite(off, buf)
+
+    async def afdatasync(self) -> None:
+        await self.aio.fdatasync()
+
+    def close(self) -> None:
+        if self.aio.writeback is not None:
+            self.aio.writeback.close()
+        self.file.close()
+
+
+def open_host(path: str, io: str):
+    return ThreadIO(path) if io == "threads" else EngineIO(path)
 
 
 class Passthrough(pyfuse3.Operations):

@@ -661,7 +661,7 @@ def table(nb: NbdBench) -> str:
             cells.append(f"{v / d:.2f}x" if v and d else "n/a")
         lines.append(f"| {j} | {'IOPS' if job['bs'] == '4k' else 'MiB/s'} | " + " | ".join(cells) + " |")
     lines += ["", "Daemon CPU time per request, median (us; utime+stime of all its threads / requests; "
-              "in brackets: its main thread):", "",
+              "in brackets: its main thread, where it serves requests):", "",
               "| job | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for job in nb.jobs:
         cells = []
@@ -672,7 +672,7 @@ def table(nb: NbdBench) -> str:
                 continue
             cpu = statistics.median(s["cpu_us_per_io"] for s in ss)
             main = statistics.median(s["main_cpu_us_per_io"] for s in ss)
-            cells.append(f"{cpu:.1f} ({main:.1f})")
+            cells.append(f"{cpu:.1f} ({main:.1f})" if main >= 0.05 else f"{cpu:.1f}")  # nbdkit: workers serve
         lines.append(f"| {job['name']} | " + " | ".join(cells) + " |")
     noisy = []
     for job in nb.jobs:

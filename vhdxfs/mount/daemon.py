@@ -11,9 +11,9 @@ unmount again, so no stale mount is left behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +27,11 @@ from ..errors import VhdxError
 from ..service.daemon import Ready
 from ..service.notify import sd_notify
 from ..service.records import read_record, record_path, write_record
+from ..service.signals import run_until_stopped
 from .mounts import normalize
 from .operations import RawFilesOperations
 
 log = logging.getLogger("vhdxfs.mount")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -99,33 +99,18 @@ class _Stop:
         self.serving = False
 
 
-async def _watch_signals(signals, stop: _Stop) -> None:
-    """First signal: end the FUSE loop gracefully (pyfuse3.terminate lets requests in flight finish).
-    Later signals while closing are noted and ignored: the close must finish for the image to be clean."""
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if stop.signal is None:
-            stop.signal = name
-            log.info("%s: unmounting, then closing the images", name)
-            if stop.serving:
-                pyfuse3.terminate()
-        else:
-            log.warning("%s: already stopping; waiting for the images to close cleanly", name)
-
-
 async def serve(config: MountConfig, ready: Ready) -> None:
     """Open, mount, call ``ready(None)`` (or ``ready(message)`` on failure), serve until told to stop."""
     stop = _Stop()
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, stop)
-            try:
-                await _serve(config, ready, stop)
-            finally:
-                nursery.cancel_scope.cancel()
-    # The images are closed; a late signal must not turn the clean exit into "killed by SIGINT".
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+
+    def on_signal(name: str) -> None:
+        """End the FUSE loop gracefully (pyfuse3.terminate lets requests in flight finish)."""
+        stop.signal = name
+        log.info("%s: unmounting, then closing the images", name)
+        if stop.serving:
+            pyfuse3.terminate()
+
+    await run_until_stopped(functools.partial(_serve, config, ready, stop), on_signal)
 
 
 async def _serve(config: MountConfig, ready: Ready, stop: _Stop) -> None:

@@ -11,9 +11,9 @@ life of the daemon, so a second one cannot cut the close short.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 
 import trio
@@ -23,13 +23,13 @@ from ..errors import VhdxError
 from ..service.daemon import Ready
 from ..service.notify import sd_notify
 from ..service.records import record_path, write_record
+from ..service.signals import run_until_stopped
 from . import listeners as lsn
 from .connection import handle_client
 from .exports import Export, Exports, export_name
 from .transmission import SERVER_BUDGET, ByteBudget
 
 log = logging.getLogger("vhdxfs.nbd")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -95,25 +95,12 @@ class Clients:
 async def serve(config: ServeConfig, ready: Ready) -> None:
     """Open, listen, call ``ready(None)`` (or ``ready(message)`` on failure), serve until told to stop."""
     clients = Clients()
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, clients)
-            try:
-                await _serve(config, ready, clients)
-            finally:
-                nursery.cancel_scope.cancel()
-    for signum in STOP_SIGNALS:  # the images are closed; a late signal must not turn this into a kill
-        signal.signal(signum, signal.SIG_IGN)
 
+    def on_signal(name: str) -> None:
+        log.info("%s: finishing the requests in flight, then closing the images", name)
+        clients.stopping.set()
 
-async def _watch_signals(signals, clients: Clients) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if not clients.stopping.is_set():
-            log.info("%s: finishing the requests in flight, then closing the images", name)
-            clients.stopping.set()
-        else:
-            log.warning("%s: already stopping; waiting for the images to close cleanly", name)
+    await run_until_stopped(functools.partial(_serve, config, ready, clients), on_signal)
 
 
 async def _serve(config: ServeConfig, ready: Ready, clients: Clients) -> None:

@@ -124,7 +124,8 @@ class Transmission:
                     self.budget.release(cost)
                     raise
                 taken = cost
-                if request.type == p.CMD_READ and not self._refusal(request):
+                refusal = self._refusal(request)
+                if request.type == p.CMD_READ and not refusal:
                     data = self.disk.read_now(request.offset, request.length) if request.length else None
                     if data is not None:  # served here: no task, no trip through the scheduler
                         taken = None
@@ -135,11 +136,11 @@ class Transmission:
                     payload = await self.wire.payload(request.length)
                 taken = None
                 if request.type == p.CMD_WRITE:
-                    if not request.flags & p.CMD_FLAG_FUA and not self._refusal(request) \
+                    if not request.flags & p.CMD_FLAG_FUA and not refusal \
                             and self.disk.write_now(request.offset, payload):
                         self.wire.queue(self._ok(request), functools.partial(self._done, cost))
                         continue
-                handlers.start_soon(self._serve, request, payload, cost)
+                handlers.start_soon(self._serve, request, refusal, payload, cost)
         except Closed as exc:
             log.debug("client gone: %s", exc)
         except p.ProtocolError as exc:
@@ -154,12 +155,11 @@ class Transmission:
             return min(request.length, MAX_PAYLOAD)
         return BLOCK_STATUS_COST if request.type == p.CMD_BLOCK_STATUS else 0
 
-    async def _serve(self, request: p.Request, payload: bytes | None, cost: int) -> None:
+    async def _serve(self, request: p.Request, refusal: int, payload: bytes | None, cost: int) -> None:
         """Run one request and queue its reply; its budget and slot are given back once the reply is sent."""
         reply: tuple = ()
         try:
-            error = self._refusal(request)
-            reply = self._error(request, error) if error else await self._dispatch(request, payload)
+            reply = self._error(request, refusal) if refusal else await self._dispatch(request, payload)
         except VhdxError as exc:
             log.warning("%s: request %d at %d+%d: %s", self.export.name, request.type, request.offset,
                         request.length, exc)

@@ -16,8 +16,7 @@ import os
 from ..engine import Extent
 from ..engine.aio import AsyncDisk
 from ..errors import UsageError
-
-_MODES = {"rb": True, "r+b": False, "rb+": False}
+from .file import MODES
 
 
 class AsyncDiskFile:
@@ -95,7 +94,7 @@ class AsyncDiskFile:
 async def open_async(path: str | os.PathLike, mode: str = "rb", *,
                      parent: str | os.PathLike | None = None) -> AsyncDiskFile:
     """As ``vhdxfs.open``, for trio: ``async with await vhdxfs.open_async("disk.vhdx", "r+b") as disk:``."""
-    read_only = _MODES.get(mode)
+    read_only = MODES.get(mode)
     if read_only is None:
         raise UsageError(f"mode {mode!r}: use 'rb' or 'r+b'", path=path, field="mode")
     return AsyncDiskFile(await AsyncDisk.open(path, read_only=read_only, parent=parent), mode)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from ..engine import Disk, Extent
 from ..errors import UsageError
 
-_MODES = {"rb": True, "r+b": False, "rb+": False}  # mode -> read-only
+MODES = {"rb": True, "r+b": False, "rb+": False}  # the modes open takes -> read-only
 
 
 class DiskFile(io.RawIOBase):
@@ -177,7 +177,7 @@ def open(path: str | os.PathLike, mode: str = "rb", *, parent: str | os.PathLike
     VhdxError (with errno): ImageLockedError when another process writes the image, CorruptImageError,
     ParentError, HostIOError...
     """
-    read_only = _MODES.get(mode)
+    read_only = MODES.get(mode)
     if read_only is None:
         raise UsageError(f"mode {mode!r}: use 'rb' or 'r+b' (a virtual disk is binary, and open neither creates "
                          "nor truncates one: see vhdxfs.create)", path=path, field="mode")

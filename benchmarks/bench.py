@@ -377,7 +377,26 @@ def select(all_jobs: list[dict], patterns: list[str] | None) -> list[dict]:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-class Bench:
+class Visits:
+    """Visiting contenders A B ... B A per round; a contender that fails once is n/a from then on. The class
+    using it has ``args.contenders``, ``args.rounds``, ``errors`` and ``visit(name)``."""
+
+    def contend(self) -> None:
+        names = self.args.contenders
+        order = (names + names[::-1]) * self.args.rounds
+        for i, name in enumerate(order):
+            if name in self.errors:
+                continue  # failed once: n/a, do not retry on every visit
+            log(f"visit {i + 1}/{len(order)}: {name}")
+            self.visit_no = i + 1
+            try:
+                self.visit(name)
+            except Exception as exc:  # a contender that cannot run is reported as n/a; the others go on
+                self.errors[name] = reason(exc)
+                log(f"  {name}: n/a ({self.errors[name]})")
+
+
+class Bench(Visits):
     def __init__(self, args, work: Path) -> None:
         self.args = args
         self.work = work
@@ -474,20 +493,6 @@ class Bench:
         self.results.setdefault(name, {}).setdefault(job["name"], []).append(s)
         unit = "IOPS" if job["bs"] == "4k" else "MiB/s"
         log(f"  {name:11} {job['name']:30} {headline(job, s):9.0f} {unit}")
-
-    def contend(self) -> None:
-        names = self.args.contenders
-        order = (names + names[::-1]) * self.args.rounds
-        for i, name in enumerate(order):
-            if name in self.errors:
-                continue  # failed once: n/a, do not retry on every visit
-            log(f"visit {i + 1}/{len(order)}: {name}")
-            self.visit_no = i + 1
-            try:
-                self.visit(name)
-            except Exception as exc:  # a contender that cannot run is reported as n/a; the others go on
-                self.errors[name] = reason(exc)
-                log(f"  {name}: n/a ({self.errors[name]})")
 
     # -- footprint: memory with a huge image open, and the time to open one ------------------------------
     def footprint(self) -> dict:

@@ -487,7 +487,7 @@ def profile_text(p: dict, unprofiled: float | None) -> str:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-class NbdBench:
+class NbdBench(bench.Visits):
     def __init__(self, args, work: Path) -> None:
         self.args = args
         self.work = work
@@ -595,20 +595,6 @@ class NbdBench:
         if len(attempts) > 1:
             best = best | {"attempts": [{"value": headline(job, a), "other_cpus": a["other_cpus"]} for a in attempts]}
         self.results.setdefault(srv.name, {}).setdefault(job["name"], []).append(best)
-
-    def contend(self) -> None:
-        names = self.args.contenders
-        order = (names + names[::-1]) * self.args.rounds
-        for i, name in enumerate(order):
-            if name in self.errors:
-                continue  # failed once: n/a, do not retry on every visit
-            log(f"visit {i + 1}/{len(order)}: {name}")
-            self.visit_no = i + 1
-            try:
-                self.visit(name)
-            except Exception as exc:  # a contender that cannot run is reported as n/a; the others go on
-                self.errors[name] = reason(exc)
-                log(f"  {name}: n/a ({self.errors[name]})")
 
     def profile(self, out_dir: Path, stamp: str) -> None:
         chosen = select(self.all_jobs, self.args.profile)

@@ -332,9 +332,15 @@ def jobs(quick: bool, image_size: int) -> list[dict]:
         dict(name="seq write 1M, allocated", rw="write", bs="1M", size=span, writes=True),
         dict(name="seq read 1M", rw="read", bs="1M", size=span),
         dict(name="rand read 4k", rw="randread", bs="4k", size=span, runtime=t),
+        # Into the span the first job allocated: no allocation, the pure 4 KiB data path.
         dict(name="rand write 4k", rw="randwrite", bs="4k", size=span, runtime=t, writes=True),
         # Four threads at once: how well requests overlap (queue depth 4 through FUSE).
         dict(name="rand read 4k, 4 jobs", rw="randread", bs="4k", size=span, runtime=t, numjobs=4),
+        # What users of a long-lived image see: a journaling guest allocating in an image that already
+        # holds data (the span above), the untouched span above it. Every visit has its own fresh copy, so
+        # every visit finds that span untouched.
+        dict(name="rand write 4k fsync/32, filled image", rw="randwrite", bs="4k", size=span, offset=span,
+             runtime=t, fsync=32, writes=True),
         # A journaling guest: an fsync every 32 writes, into fresh space (allocation + metadata flushes).
         # Runs on a second fresh copy, in the span above the first one.
         dict(name="rand write 4k fsync/32, fresh", rw="randwrite", bs="4k", size=span, offset=span,
@@ -353,6 +359,8 @@ def fio(raw: Path, job: dict) -> dict:
         args += [f"--numjobs={job['numjobs']}"]
     if "fsync" in job:
         args += [f"--fsync={job['fsync']}"]
+    if job.get("end_fsync"):
+        args += ["--end_fsync=1"]
     out = run(*args, timeout=900).stdout
     data = json.loads(out[out.index("{"):])  # fio may print notes before the JSON
     result = data["jobs"][0]

@@ -88,7 +88,8 @@ class AsyncDisk(DiskFacts):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Acknowledged once queued; durable after the next flush (README, "Durability")."""
-        await drive(self._core.write(offset, data))
+        if not self.write_now(offset, data):  # the common case: queued at once, without the step machinery
+            await drive(self._core.write(offset, data))
 
     async def discard(self, offset: int, length: int) -> None:
         """The range reads as zeros (never as a parent's data); whole blocks give their space back."""

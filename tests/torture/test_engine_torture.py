@@ -699,12 +699,6 @@ def test_a_flush_logs_no_file_size_past_the_end_of_a_file_not_ending_on_a_mib(tm
         assert bytes(survivor.read(0, 4096)) == bytes(4096)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (since 9913710): freed space is reused only by a flush that ends "
-                   "with no read or write in flight anywhere on the disk (committer.py flush: in_flight == 0), so "
-                   "under steady I/O it is never reused and the file grows without bound with every discard and "
-                   "rewrite (1 reader in a loop, 200 rewrites and trims of 4 MiB: an 812 MiB file for a 64 MiB "
-                   "disk). Fix: count I/O in flight per block of file space and keep back only the freed ranges "
-                   "in use")
 async def test_one_slow_read_does_not_stop_all_reuse_of_freed_space(tmp_path):
     """A read held in the host (a slow disk, an NFS server that stalls) touches one block; the space that
     discards free elsewhere meanwhile must still be reused, or the file grows with every rewrite."""

@@ -27,9 +27,11 @@ class Committer:
         if allocation.bitmaps is not None:
             sources.append(allocation.bitmaps)
         self._sources = sources
-        # Reads and writes between their BAT lookup and the end of their host I/O: while any is in flight,
-        # freed space is not reused (it may still be read or written at its old place).
+        # Reads and writes between their BAT lookup and the end of their host I/O may still use freed space at
+        # its old place, so a flush reuses none of it while any of them is in flight (``in_flight``), except
+        # for those that say which block they use (``hold``): then only the freed ranges they hold wait.
         self.in_flight = 0
+        self.held: dict[int, int] = {}  # file offset of a block -> reads using it (the drivers' short ways)
         self.io: StepIO
         self.lock = None
 
@@ -59,11 +61,27 @@ class Committer:
                 allocator.keep_pending(freed)
                 raise
             if self.in_flight == 0:
-                allocator.reuse(freed)
+                busy = [r for r in freed if self._is_held(r)]
+                allocator.reuse([r for r in freed if r not in busy])
+                allocator.keep_pending(busy)
             else:
                 allocator.keep_pending(freed)
         finally:
             self.lock.release()
+
+    def hold(self, block_offset: int) -> None:
+        """A read will use the block at ``block_offset`` of the file until ``let_go``: freed, it waits."""
+        self.held[block_offset] = self.held.get(block_offset, 0) + 1
+
+    def let_go(self, block_offset: int) -> None:
+        if (n := self.held[block_offset]) == 1:
+            del self.held[block_offset]
+        else:
+            self.held[block_offset] = n - 1
+
+    def _is_held(self, freed: tuple[int, int]) -> bool:
+        offset, length = freed
+        return any(offset <= block < offset + length for block in self.held)
 
     def finish(self) -> Step:
         """After a last flush: the log's pages are durable in place, so LogGuid is cleared (a clean image)."""

@@ -63,11 +63,12 @@ class AsyncDisk(DiskFacts):
         where = core.locate(offset, length)
         if where >= 0:  # the common case, without the step machinery: same lookup, same host read
             buf = bytearray(length)
-            core.committer.in_flight += 1  # as core.read: the space read stays ours until the read is done
+            block = where - offset % core.block_size  # the block's file space stays ours until the read ends
+            core.committer.hold(block)
             try:
                 await core.io.pread_into(where, memoryview(buf))
             finally:
-                core.committer.in_flight -= 1
+                core.committer.let_go(block)
             return buf
         return await drive(core.read(offset, length))
 

@@ -93,7 +93,9 @@ class Header:
         if self.log_offset % ALIGNMENT or self.log_offset < HEADER_SECTION_SIZE:
             raise CorruptImageError(f"log offset {self.log_offset} is not 1 MiB aligned after the header "
                                     "section", field="Header.LogOffset")
-        if self.log_offset + self.log_length > file_size and not self.log_is_empty:
+        # Even an empty log must lie in the file: the first logged update of a writable open writes there
+        # (an offset of 2**63 would reach the host as an OverflowError, a smaller one grow the file wildly).
+        if self.log_offset + self.log_length > file_size:
             raise CorruptImageError(f"log ({self.log_offset}+{self.log_length}) lies past the end of the "
                                     f"file ({file_size} bytes)", field="Header.LogOffset")
 

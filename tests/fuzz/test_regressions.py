@@ -1,0 +1,43 @@
+"""Readable forms of the bugs the coverage-guided fuzzers found (the raw inputs are in tests/fuzz/crashes/)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from tests.helpers import make_image
+from vhdxfs.engine import Disk
+from vhdxfs.engine.inspect import check_and_repair
+from vhdxfs.errors import CorruptImageError
+
+MiB = 1 << 20
+HEADER2 = 128 << 10
+
+
+def _set_log_offset(path: Path, offset: int) -> None:
+    """Give header 2 a log at ``offset`` and a higher sequence number, so it is the current header."""
+    buf = bytearray(path.read_bytes())
+    seq1 = struct.unpack_from("<Q", buf, (64 << 10) + 8)[0]
+    struct.pack_into("<Q", buf, HEADER2 + 8, seq1 + 1)
+    struct.pack_into("<Q", buf, HEADER2 + 72, offset)
+    struct.pack_into("<I", buf, HEADER2 + 4, 0)
+    struct.pack_into("<I", buf, HEADER2 + 4, crc32c.crc32c(bytes(buf[HEADER2:HEADER2 + 4096])))
+    path.write_bytes(buf)
+
+
+@pytest.mark.parametrize("offset", [0xFF00000000000000, 1 << 40])
+def test_an_empty_log_past_the_end_of_the_file_is_refused(tmp_path: Path, offset: int) -> None:
+    """crashes/repair/log-offset-past-eof-clean-log: a clean log whose offset lay past the file's end was
+    accepted, and the first logged update (repair rewriting a region table, a writable open's flush) wrote
+    there: an OverflowError from pwrite at 2**63, or a file grown to a TiB. Now the header is refused."""
+    path = make_image(tmp_path / "a.vhdx", 4 * MiB, block_size=MiB)
+    _set_log_offset(path, offset)
+    before = path.read_bytes()
+    with pytest.raises(CorruptImageError, match="past the end"):
+        Disk.open(path)
+    report = check_and_repair(path)
+    assert report["status"] == "inconsistent" and report["unrepairable"]
+    assert path.read_bytes() == before

@@ -575,6 +575,15 @@ def peak_rss_mib(pid: int) -> float:
 
 
 # -- report ----------------------------------------------------------------------------------------------
+def save_results(results: str | Path, name: str, record: dict, text: str) -> None:
+    """results/<name>.json (every figure) and results/<name>.md (the report), for all three harnesses."""
+    out = Path(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    (out / f"{name}.md").write_text(text)
+    log(f"saved {out / name}.json and .md")
+
+
 def machine(workdir: str) -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -788,8 +797,6 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     text = report(bench, extra, time.monotonic() - T0)
     print(text)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # results: contender -> job -> one sample per visit, each with its visit number (the order is in args).
     record = {"when": stamp, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -798,9 +805,7 @@ def main() -> int:
               "elapsed_s": time.monotonic() - T0}
     if BASELINE in args.contenders:
         record["comparison"] = comparison(bench)  # vhdxfs vs vhdxfs-base: per-visit figures and ratio
-    (out / f"{stamp}.json").write_text(json.dumps(record, indent=2))
-    (out / f"{stamp}.md").write_text(text)
-    log(f"saved {out / stamp}.json and .md")
+    save_results(args.results, stamp, record, text)
     return 0
 
 

@@ -821,9 +821,7 @@ def main() -> int:
               "commands": nb.commands, "jobs": nb.jobs, "results": nb.results, "errors": nb.errors,
               "job_errors": nb.job_errors,
               "profiles": nb.profiles, "elapsed_s": elapsed}
-    (out / f"nbd-{stamp}.json").write_text(json.dumps(record, indent=2))
-    (out / f"nbd-{stamp}.md").write_text(text)
-    log(f"saved {out}/nbd-{stamp}.json and .md")
+    bench.save_results(out, f"nbd-{stamp}", record, text)
     return 0
 
 

@@ -21,7 +21,6 @@ ratio and the lowest. Saved under benchmarks/results/side-by-side-<timestamp>.{j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -42,6 +41,7 @@ from bench import (
     mounts_under,
     parse_size,
     run,
+    save_results,
     spawn,
     stop,
     vhdxfs,
@@ -71,8 +71,6 @@ def one_run(work: Path, size: str, runtime: int) -> dict[str, dict[str, list[flo
     shutil.copyfile(work / "img.vhdx", work / "a.vhdx")
     shutil.copyfile(work / "img.vhdx", work / "b.vhdx")
     next_gib = {who: 2 for who in CONTENDERS}  # GiB 0 and 1 are filled first
-    if parse_size(size) < (2 + 2) * GiB:
-        raise SystemExit(f"--size {size}: too small; each contender needs 2 filled and 2 fresh GiB")
     results: dict[str, dict[str, list[float]]] = {job: {who: [] for who in CONTENDERS} for job in JOBS}
     with vhdxfs(work / "a.vhdx", work / "va") as va_raw:
         qsd_proc, q_raw = start_qsd(work / "b.vhdx", work)
@@ -128,7 +126,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/var/tmp", help="where the images go (default /var/tmp)")
     ap.add_argument("--results", default=str(HERE / "results"), help="where the JSON and Markdown go")
     args = ap.parse_args()
-    parse_size(args.size)
+    if parse_size(args.size) < (2 + 2) * GiB:
+        ap.error(f"--size {args.size}: too small; each contender needs 2 filled and 2 fresh GiB")
     runs = []
     for i in range(args.runs):
         work = Path(tempfile.mkdtemp(prefix="vhdxfs-sbs-", dir=args.workdir))
@@ -141,13 +140,9 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     text = report(runs, args)
     print(text)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {"when": stamp, "args": vars(args), "machine": machine(args.workdir), "runs": runs}
-    (out / f"side-by-side-{stamp}.json").write_text(json.dumps(record, indent=2))
-    (out / f"side-by-side-{stamp}.md").write_text(text)
-    log(f"saved {out}/side-by-side-{stamp}.json and .md")
+    save_results(args.results, f"side-by-side-{stamp}", record, text)
     return 0
 
 

@@ -94,6 +94,36 @@ def test_a_damaged_header_is_rewritten_from_the_good_one(image):
     qemu_reads(image, "0x33 0 4M", "0x44 60M 4M")
 
 
+def test_a_newer_header_whose_log_lies_past_the_end_is_rewritten_from_the_older_one(image):
+    """Its checksum holds, so only its fields tell it is bad: repair falls back to the older header."""
+    data = image.read_bytes()
+    headers = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
+    newer = max(range(2), key=lambda i: headers[i].sequence_number)
+    bad = headers[newer].next(log_offset=1 << 40)
+    poke(image, HEADER_OFFSETS[newer], bad.encode())
+    assert vhdxfs("check", image).returncode == 2
+    code, report = repair(image)
+    assert code == 0 and report["status"] == "clean", report
+    assert any(f"header {newer + 1} was damaged" in r for r in report["repairs"]), report
+    data = image.read_bytes()
+    rewritten = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
+    assert all(h.log_offset == headers[1 - newer].log_offset for h in rewritten)
+    qemu_check_clean(image)
+    qemu_reads(image, "0x33 0 4M", "0x44 60M 4M")
+
+
+def test_a_header_of_a_newer_format_version_is_not_fallen_back_past(image):
+    """Version 2 is not ours to downgrade: the image is reported and left as it was."""
+    data = image.read_bytes()
+    headers = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
+    newer = max(range(2), key=lambda i: headers[i].sequence_number)
+    poke(image, HEADER_OFFSETS[newer], headers[newer].next(version=2).encode())
+    before = sha256(image)
+    code, report = repair(image)
+    assert code != 0 and any("format version 2" in e for e in report["errors"]), report
+    assert sha256(image) == before
+
+
 def test_a_damaged_region_table_copy_is_rewritten_from_the_good_one(image):
     poke(image, REGION_TABLE_OFFSETS[0] + 40, b"\xff" * 16)
     assert "region table copy 1 is damaged" in vhdxfs("check", image).stdout

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from ..errors import CorruptImageError, VhdxError
+from ..errors import CorruptImageError, UnsupportedError, VhdxError
 from ..format import guids
 from ..format import metadata as mdfmt
 from ..format.bat import Geometry
@@ -84,7 +84,7 @@ class VhdxFile:
         if size < HEADER_SECTION_SIZE:
             raise CorruptImageError(f"file is {size} bytes, smaller than the 1 MiB header section",
                                     field="FileTypeIdentifier")
-        index, header = self._choose_header()
+        index, header = self._choose_header(size)
         header.validate(size)
         self.headers = HeaderState(host, header, index, writable=not self.read_only,
                                    data_write_guid=data_write_guid)
@@ -96,10 +96,13 @@ class VhdxFile:
             self.apply_log()
         self._load_structures()
 
-    def _choose_header(self) -> tuple[int, Header]:
+    def _choose_header(self, size: int) -> tuple[int, Header]:
         raw = [self.host.pread(off, HEADER_SIZE) for off in HEADER_OFFSETS]
         decoded = [Header.decode(r) for r in raw]
         valid = [(i, h) for i, h in enumerate(decoded) if h is not None]
+        if self.lenient and len(valid) == 2:
+            decoded = self._drop_unusable_header(decoded, size)
+            valid = [(i, h) for i, h in enumerate(decoded) if h is not None]
         for i, h in enumerate(decoded):
             if h is None and valid:
                 self.observations.append(("header", f"header {i + 1} is damaged; the other one is in use"))
@@ -111,6 +114,25 @@ class VhdxFile:
         if not self.lenient or not valid:
             return current_header(*raw)
         return max(valid, key=lambda item: (item[1].sequence_number, -item[0]))
+
+    def _drop_unusable_header(self, decoded: list[Header | None], size: int) -> list[Header | None]:
+        """Lenient opens: a header whose checksum holds but whose log lies outside the file (or is
+        misaligned) counts as damaged when the other header is usable, so repair can rewrite it from the
+        other one instead of calling the image unrepairable. A header of an unsupported version is not
+        dropped: falling back past it could turn a newer image into an older one."""
+        reasons: dict[int, str] = {}
+        for i, header in enumerate(decoded):
+            try:
+                header.validate(size)
+            except CorruptImageError as exc:
+                reasons[i] = exc.message
+            except UnsupportedError:
+                return decoded
+        if len(reasons) != 1:
+            return decoded
+        (bad, reason), = reasons.items()
+        self.observations.append(("header", f"header {bad + 1} is unusable ({reason})"))
+        return [None if i == bad else h for i, h in enumerate(decoded)]
 
     def apply_log(self) -> None:
         """Writable opens: the file gets a new FileWriteGuid (2.2.2.1: before anything else changes), a

@@ -7,8 +7,9 @@ open writes nothing, so repair writes only when something needs fixing: a clean 
 byte as it was.
 
 What is repaired, in this order (each step needs the ones before it):
-1. a damaged header (bad signature or checksum), or two headers that disagree at the same sequence number:
-   both are rewritten from the good one (2.2.2.1, which also gives the file a new FileWriteGuid);
+1. a damaged header (bad signature or checksum, or, when the other one is sound, a log misaligned or
+   outside the file), or two headers that disagree at the same sequence number: both are rewritten from
+   the good one (2.2.2.1, which also gives the file a new FileWriteGuid);
 2. a dirty log: its active sequence is replayed into the file and LogGuid cleared, as a writable open does;
 3. a damaged region table copy, or copies that differ: rewritten from the copy an open uses (the first
    valid one), through the log;

@@ -22,7 +22,6 @@ generation), so a unit holding another place's data says where it came from.
 
 from __future__ import annotations
 
-import functools
 import random
 import sys
 import threading
@@ -38,9 +37,9 @@ _M64 = (1 << 64) - 1
 assert sys.byteorder == "little", "the cell layout is written for little-endian hosts"
 
 
-@functools.cache
 def _tags(cells: int, salt: int) -> array:
-    """(tag, 0) for every 16-byte cell of a disk of ``cells`` cells: one multiply-and-add per cell."""
+    """(tag, 0) for every 16-byte cell of a disk of ``cells`` cells: one multiply-and-add per cell. Not
+    cached: its Patterns keeps it, and a cache keyed by each seed's salt kept a disk's size per seed."""
     out = array("Q", bytes(16 * cells))
     out[0::2] = array("Q", [(c * _MIX + salt) & _M64 for c in range(cells)])
     return out

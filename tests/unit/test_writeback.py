@@ -9,14 +9,18 @@ when the task under test waits for it.
 from __future__ import annotations
 
 import errno
+import gc
 import threading
+import weakref
+from pathlib import Path
 
 import outcome
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from vhdxfs.engine import PosixFile
+from vhdxfs.engine import ImageSpec, MemoryFile, PosixFile, create_image
+from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.aio.host import AsyncHost
 from vhdxfs.engine.aio.writeback import GRANULE, WriteBack
 from vhdxfs.errors import HostIOError
@@ -469,3 +473,30 @@ async def test_a_read_only_host_file_has_no_queue_and_refuses_writes(tmp_path):
         await h.fdatasync()
     finally:
         await h.close()
+
+
+# -- after the close -----------------------------------------------------------------------------------------
+async def test_a_closed_disk_is_not_kept_alive_by_the_idle_io_workers(tmp_path):
+    """The worker threads for reads and structure I/O serve every disk of the process: once a disk is closed,
+    none of them may still hold its host file, buffers or engine (a daemon closes one of its disks; a test
+    process opens thousands)."""
+    path = tmp_path / "disk.vhdx"
+    create_image(path, ImageSpec(8 << 20, block_size=1 << 20))
+    hosts: weakref.WeakSet = weakref.WeakSet()
+
+    def in_memory(p, writable):  # never in the page cache: every payload read goes to a worker thread
+        host = MemoryFile(Path(p).read_bytes(), path=p, writable=writable)
+        hosts.add(host)
+        return host
+
+    disk = await AsyncDisk.open(path, host_factory=in_memory)
+    for block in range(8):  # new blocks: the flush journals them in a worker
+        await disk.write(block << 20, b"w" * 4096)
+    await disk.flush()
+    async with trio.open_nursery() as nursery:  # reads at once, spread over the workers
+        for block in range(8):
+            nursery.start_soon(disk.read, block << 20, 4096)
+    await disk.close()
+    del disk
+    gc.collect()
+    assert not list(hosts), "an idle worker thread still holds the closed disk's host file"

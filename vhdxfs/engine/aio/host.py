@@ -47,10 +47,14 @@ class IOPool:
         while True:
             fn, args, token, task = self._queue.get()
             result = outcome.capture(fn, *args)
+            # An idle worker keeps nothing of its last call: not the file, buffers and disk behind it (gone
+            # before the caller resumes, so nothing of a disk outlives its close), nor the trio run.
+            del fn, args
             try:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:
                 pass
+            del token, task, result
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._started < self.workers:

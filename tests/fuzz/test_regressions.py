@@ -46,3 +46,38 @@ def test_an_empty_log_past_the_end_of_the_file_is_refused(tmp_path: Path, offset
     assert path.stat().st_size == size
     with Disk.open(path, read_only=True) as disk:
         assert disk.read(MiB, MiB) == b"\x5a" * MiB and disk.read(0, MiB) == bytes(MiB)
+
+
+def _set_sequence(path: Path, sequence: int, *, damage_header1: bool) -> None:
+    """Give header 2 ``sequence`` (re-sealed), and optionally break header 1's checksum."""
+    buf = bytearray(path.read_bytes())
+    struct.pack_into("<Q", buf, HEADER2 + 8, sequence)
+    struct.pack_into("<I", buf, HEADER2 + 4, 0)
+    struct.pack_into("<I", buf, HEADER2 + 4, crc32c.crc32c(bytes(buf[HEADER2:HEADER2 + 4096])))
+    if damage_header1:
+        buf[(64 << 10) + 100] ^= 0xFF
+    path.write_bytes(buf)
+
+
+@pytest.mark.parametrize("sequence", [(1 << 64) - 1, (1 << 64) - 2])
+def test_a_header_sequence_number_with_no_room_for_an_update_is_refused_before_any_write(
+        tmp_path: Path, sequence: int) -> None:
+    """crashes/repair/header-sequence-number-at-its-maximum: repairing a damaged header 1 next to a header 2
+    whose SequenceNumber was 2**64-1 died with struct.error when the next header was encoded. An update
+    writes two newer headers, so a number above 2**64-3 is now refused before anything is written: repair
+    reports the image unrepairable and leaves it alone, a writable open refuses, a read-only one reads."""
+    path = make_image(tmp_path / "a.vhdx", 4 * MiB, block_size=MiB)
+    with Disk.open(path) as disk:
+        disk.write(0, b"\x33" * MiB)
+    _set_sequence(path, sequence, damage_header1=True)
+    before = path.read_bytes()
+    report = check_and_repair(path)
+    assert report["status"] == "inconsistent" and "sequence number" in report["unrepairable"], report
+    assert path.read_bytes() == before
+    _set_sequence(path, sequence, damage_header1=False)
+    before = path.read_bytes()
+    with pytest.raises(CorruptImageError, match="sequence number"):
+        Disk.open(path)
+    assert path.read_bytes() == before
+    with Disk.open(path, read_only=True) as disk:
+        assert disk.read(0, MiB) == b"\x33" * MiB

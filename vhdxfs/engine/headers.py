@@ -16,11 +16,13 @@ from __future__ import annotations
 import threading
 import uuid
 
-from ..errors import VhdxError
+from ..errors import CorruptImageError, VhdxError
 from ..format import guids
 from ..format.constants import HEADER_OFFSETS
 from ..format.header import Header
 from .hostio import HostIO
+
+_MAX_SEQUENCE = (1 << 64) - 1
 
 
 class HeaderState:
@@ -52,6 +54,11 @@ class HeaderState:
         return None if self._header.log_is_empty else self._header.log_guid
 
     @property
+    def file_writes_begun(self) -> bool:
+        """True once this open has changed FileWriteGuid: the first write to the file (2.2.2.1) is done."""
+        return self._file_writes
+
+    @property
     def data_writes_begun(self) -> bool:
         """True once this open has changed DataWriteGuid: the virtual disk's contents may have changed."""
         return self._data_writes
@@ -64,6 +71,12 @@ class HeaderState:
             self._update(changes)
 
     def _update(self, changes: dict[str, object]) -> None:
+        # SequenceNumber is a UINT64 (2.2.2) and the spec gives no wrap-around: an update that cannot write
+        # two larger numbers is refused before it writes anything.
+        if self._header.sequence_number > _MAX_SEQUENCE - 2:
+            raise CorruptImageError(f"sequence number {self._header.sequence_number} leaves no room for the "
+                                    "two newer headers an update writes", path=self._host.path,
+                                    field="Header.SequenceNumber")
         for _ in range(2):
             new = self._header.next(**changes)
             slot = 1 - self._index

@@ -173,6 +173,10 @@ def repair_image(path: str | os.PathLike, *, host_factory: HostFactory = PosixFi
         if fixer.wrote:
             image.host.fdatasync()
         return {"repairs": fixer.repairs, "unrepairable": None}
+    except CorruptImageError as exc:
+        if image.headers.file_writes_begun:  # every write of an open comes after the new FileWriteGuid
+            raise exc.with_path(path) from None
+        return {"repairs": [], "unrepairable": _unrepairable(exc)}  # refused before anything was written
     except VhdxError as exc:
         raise exc.with_path(path) from None
     finally:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,13 @@ def on_disk(path: Path):
     image = VhdxFile.open(path, read_only=True, host_factory=functools.partial(PosixFile, lock=False))
     image.close()
     return image
+
+
+def seed_dirs(tmp_path: Path, seeds: range) -> Iterator[tuple[int, Path]]:
+    """A fresh work directory per seed, removed once the seed has passed (a failing seed's stays for
+    inspection): the power-cut survivors alone would otherwise fill tens of GB in one stress run."""
+    for seed in seeds:
+        work = tmp_path / str(seed)
+        work.mkdir()
+        yield seed, work
+        shutil.rmtree(work)

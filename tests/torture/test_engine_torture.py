@@ -34,7 +34,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from tests.crash.powercut import Disk as Medium
 from tests.crash.powercut import PowerCut, PowerCutHost
-from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean
+from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean, seed_dirs
 from tests.torture.model import Layout, Model, Op, Patterns, make_layout, pick_op
 from vhdxfs.engine import Disk, Kind, MemoryFile, PosixFile, check_image, create_child
 from vhdxfs.engine.aio import AsyncDisk
@@ -476,9 +476,7 @@ async def test_torture_stress(tmp_path, sector, differencing):
     need_tools("qemu-img")
     started = time.monotonic()
     stats: collections.Counter = collections.Counter()
-    for seed in range(100, 100 + STRESS_SEEDS):
-        work = tmp_path / str(seed)
-        work.mkdir()
+    for seed, work in seed_dirs(tmp_path, range(100, 100 + STRESS_SEEDS)):
         stats += await torture(work, seed, sector=sector, differencing=differencing, clients=8 + seed % 9,
                                rounds=4, steps=40)
     show("async torture (stress)", stats, started)
@@ -490,9 +488,7 @@ def test_threads_stress(tmp_path, sector, differencing):
     need_tools("qemu-img")
     started = time.monotonic()
     stats: collections.Counter = collections.Counter()
-    for seed in range(100, 100 + STRESS_SEEDS // 4):
-        work = tmp_path / str(seed)
-        work.mkdir()
+    for seed, work in seed_dirs(tmp_path, range(100, 100 + STRESS_SEEDS // 4)):
         stats += torture_threads(work, seed, sector=sector, differencing=differencing, clients=8 + seed % 9,
                                  rounds=3, steps=30)
     show("thread torture (stress)", stats, started)
@@ -504,9 +500,7 @@ async def test_power_cuts_stress(tmp_path, sector, differencing):
     need_tools("qemu-img")
     started = time.monotonic()
     stats: collections.Counter = collections.Counter()
-    for seed in range(1000, 1000 + STRESS_CUTS):
-        work = tmp_path / str(seed)
-        work.mkdir()
+    for seed, work in seed_dirs(tmp_path, range(1000, 1000 + STRESS_CUTS)):
         stats += await cut_once(work, seed, sector=sector, differencing=differencing, clients=8 + seed % 9, steps=60,
                                 instants=8, span=60)
     show("power cuts (stress)", stats, started)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse import conftest as fuse_fixtures
-from tests.helpers import make_image, need_root_fuse, need_tools, qemu_check_clean
+from tests.helpers import make_image, need_root_fuse, need_tools, qemu_check_clean, seed_dirs
 from tests.torture.model import CELL, Patterns, make_layout, pick_op
 from vhdxfs.engine import Disk, check_image, create_child
 
@@ -221,9 +221,7 @@ def test_mount_torture_stress(tmp_path, mnt, sector, differencing):
     need_root_fuse()
     need_tools("fallocate", "qemu-img")
     started = time.monotonic()
-    for seed in range(100, 100 + int(os.environ.get("VHDXFS_TORTURE_MOUNTS", 10))):
-        work = tmp_path / f"s{seed}"
-        work.mkdir()
+    for seed, work in seed_dirs(tmp_path, range(100, 100 + int(os.environ.get("VHDXFS_TORTURE_MOUNTS", 10)))):
         counts = mount_torture(work, mnt, seed, sector=sector, differencing=differencing, clients=4 + seed % 9,
                                steps=120)
         print(f"mount torture seed {seed}: {counts}")

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import CorruptImageError, VhdxError
 from .disk import Disk
+from .hostio import HostFactory, PosixFile
 from .image import VhdxFile
 from .repair import repair_image
 
@@ -26,9 +27,10 @@ from .repair import repair_image
 _ERROR_OBSERVATIONS = {"the two region table copies differ"}
 
 
-def parent_chain(path: str | os.PathLike, parent: str | os.PathLike | None = None) -> list[str]:
+def parent_chain(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+                 host_factory: HostFactory = PosixFile) -> list[str]:
     """The parents of a differencing image, nearest first (opened read-only, never written)."""
-    with Disk.open(path, read_only=True, parent=parent) as disk:
+    with Disk.open(path, read_only=True, parent=parent, host_factory=host_factory) as disk:
         return [str(p) for p in disk.chain()[1:]]
 
 
@@ -74,7 +76,8 @@ def describe(path: str | os.PathLike, parent: str | os.PathLike | None = None) -
     return info
 
 
-def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None) -> dict[str, Any]:
+def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+                host_factory: HostFactory = PosixFile) -> dict[str, Any]:
     """Report as a dict: status ('clean' | 'inconsistent'), errors, warnings, notes.
 
     Raises VhdxError when the image cannot be checked at all: not a VHDX file, in use, an I/O error, a
@@ -82,7 +85,7 @@ def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None
     """
     report: dict[str, Any] = {"filename": str(path), "errors": [], "warnings": [], "notes": []}
     try:
-        image = VhdxFile.open(path, read_only=True)
+        image = VhdxFile.open(path, read_only=True, host_factory=host_factory)
     except CorruptImageError as exc:
         report["errors"].append(str(exc))
         report["status"] = "inconsistent"
@@ -100,15 +103,17 @@ def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None
     finally:
         image.close()
     if differencing:
-        report["parents"] = parent_chain(path, parent)  # a missing or mismatched parent: could not check
+        # a missing or mismatched parent: could not check (raises)
+        report["parents"] = parent_chain(path, parent, host_factory=host_factory)
     report["status"] = "inconsistent" if report["errors"] else "clean"
     return report
 
 
-def check_and_repair(path: str | os.PathLike, parent: str | os.PathLike | None = None) -> dict[str, Any]:
+def check_and_repair(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+                     host_factory: HostFactory = PosixFile) -> dict[str, Any]:
     """Repair what can be repaired, then check the result; the report lists the repairs."""
-    outcome = repair_image(Path(path))
-    report = check_image(path, parent)
+    outcome = repair_image(Path(path), host_factory=host_factory)
+    report = check_image(path, parent, host_factory=host_factory)
     report["repairs"] = outcome["repairs"]
     if outcome["unrepairable"]:
         report["unrepairable"] = outcome["unrepairable"]

@@ -94,19 +94,23 @@ def test_a_damaged_header_is_rewritten_from_the_good_one(image):
     qemu_reads(image, "0x33 0 4M", "0x44 60M 4M")
 
 
+def headers_of(path: Path) -> tuple[list[Header], int]:
+    """Both headers as they lie in the file (both must decode), and the slot of the newer one."""
+    data = path.read_bytes()
+    headers = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
+    return headers, max(range(2), key=lambda i: headers[i].sequence_number)
+
+
 def test_a_newer_header_whose_log_lies_past_the_end_is_rewritten_from_the_older_one(image):
     """Its checksum holds, so only its fields tell it is bad: repair falls back to the older header."""
-    data = image.read_bytes()
-    headers = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
-    newer = max(range(2), key=lambda i: headers[i].sequence_number)
+    headers, newer = headers_of(image)
     bad = headers[newer].next(log_offset=1 << 40)
     poke(image, HEADER_OFFSETS[newer], bad.encode())
     assert vhdxfs("check", image).returncode == 2
     code, report = repair(image)
     assert code == 0 and report["status"] == "clean", report
     assert any(f"header {newer + 1} was damaged" in r for r in report["repairs"]), report
-    data = image.read_bytes()
-    rewritten = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
+    rewritten, _ = headers_of(image)
     assert all(h.log_offset == headers[1 - newer].log_offset for h in rewritten)
     qemu_check_clean(image)
     qemu_reads(image, "0x33 0 4M", "0x44 60M 4M")
@@ -114,9 +118,7 @@ def test_a_newer_header_whose_log_lies_past_the_end_is_rewritten_from_the_older_
 
 def test_a_header_of_a_newer_format_version_is_not_fallen_back_past(image):
     """Version 2 is not ours to downgrade: the image is reported and left as it was."""
-    data = image.read_bytes()
-    headers = [Header.decode(data[o:o + HEADER_SIZE]) for o in HEADER_OFFSETS]
-    newer = max(range(2), key=lambda i: headers[i].sequence_number)
+    headers, newer = headers_of(image)
     poke(image, HEADER_OFFSETS[newer], headers[newer].next(version=2).encode())
     before = sha256(image)
     code, report = repair(image)

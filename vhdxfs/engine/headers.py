@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from ..errors import CorruptImageError, VhdxError
+from ..errors import CorruptImageError, Reason, VhdxError
 from ..format import guids
 from ..format.constants import HEADER_OFFSETS
 from ..format.header import Header
@@ -76,7 +76,7 @@ class HeaderState:
         if self._header.sequence_number > _MAX_SEQUENCE - 2:
             raise CorruptImageError(f"sequence number {self._header.sequence_number} leaves no room for the "
                                     "two newer headers an update writes", path=self._host.path,
-                                    field="Header.SequenceNumber")
+                                    field="Header.SequenceNumber", reason=Reason.CORRUPT_HEADER)
         for _ in range(2):
             new = self._header.next(**changes)
             slot = 1 - self._index

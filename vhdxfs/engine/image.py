@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from ..errors import CorruptImageError, UnsupportedError, VhdxError
+from ..errors import CorruptImageError, Reason, UnsupportedError, VhdxError
 from ..format import guids
 from ..format import metadata as mdfmt
 from ..format.bat import Geometry
@@ -83,7 +83,7 @@ class VhdxFile:
         self.creator = check_file_identifier(host.pread(0, 520))
         if size < HEADER_SECTION_SIZE:
             raise CorruptImageError(f"file is {size} bytes, smaller than the 1 MiB header section",
-                                    field="FileTypeIdentifier")
+                                    field="FileTypeIdentifier", reason=Reason.TRUNCATED)
         index, header = self._choose_header(size)
         header.validate(size)
         self.headers = HeaderState(host, header, index, writable=not self.read_only,
@@ -166,8 +166,9 @@ class VhdxFile:
             return table
         if not reasons:
             raise CorruptImageError("both region tables are damaged (bad signature or checksum)",
-                                    field="RegionTable")
-        raise CorruptImageError("no usable region table: " + "; ".join(reasons), field="RegionTable")
+                                    field="RegionTable", reason=Reason.CORRUPT_REGION_TABLE)
+        raise CorruptImageError("no usable region table: " + "; ".join(reasons), field="RegionTable",
+                                reason=Reason.CORRUPT_REGION_TABLE)
 
     def _load_structures(self) -> None:
         size = self.file_size()
@@ -175,7 +176,8 @@ class VhdxFile:
         log_end = self.header.log_offset + self.header.log_length
         for e in regions.entries:
             if e.file_offset < log_end and self.header.log_offset < e.end:
-                raise CorruptImageError("a region overlaps the log", field="RegionTable.FileOffset")
+                raise CorruptImageError("a region overlaps the log", field="RegionTable.FileOffset",
+                                        reason=Reason.CORRUPT_REGION_TABLE)
         self.regions = regions
         meta_region = regions.find(guids.METADATA_REGION)
         table = mdfmt.decode_table(self.read_meta(meta_region.file_offset, METADATA_TABLE_SIZE), meta_region.length)
@@ -185,14 +187,16 @@ class VhdxFile:
         bat_region = regions.find(guids.BAT_REGION)
         if bat_region.length < self.geometry.bat_bytes:
             raise CorruptImageError(f"BAT region of {bat_region.length} bytes cannot hold "
-                                    f"{self.geometry.total_entries} entries", field="RegionTable.Length")
+                                    f"{self.geometry.total_entries} entries", field="RegionTable.Length",
+                                    reason=Reason.CORRUPT_REGION_TABLE)
         raw = self.read_meta(bat_region.file_offset, self.geometry.bat_bytes)
         self.bat = BlockAllocationTable(self.geometry, raw, bat_region.file_offset)
         bad = self.bat.entry_problems(self.disk_type)
         bad.update(self.space_map(exclude=bad).problems())
         if bad and not self.lenient:
             index = min(bad)
-            raise CorruptImageError(f"BAT entry {index} {bad[index]}", path=self.path, field="BAT")
+            raise CorruptImageError(f"BAT entry {index} {bad[index]}", path=self.path, field="BAT",
+                                    reason=Reason.CORRUPT_BAT)
         self.bad_entries = bad
 
     # -- structure I/O ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CorruptImageError, VhdxError
+from ..errors import CorruptImageError, Reason, VhdxError
 from ..format import log as logfmt
 from ..format.constants import HEADER_OFFSETS, HEADER_SIZE, LOG_SECTOR_SIZE, MiB, TiB
 from ..format.header import Header
@@ -57,10 +57,10 @@ def _check_sequence(entries: list[logfmt.LogEntry], header: Header, file_size: i
     if file_size < head.flushed_file_offset:
         raise CorruptImageError(f"file is {file_size} bytes but the log says at least {head.flushed_file_offset} "
                                 "were flushed: the file was truncated", path=path,
-                                field="LogEntry.FlushedFileOffset")
+                                field="LogEntry.FlushedFileOffset", reason=Reason.CORRUPT_LOG)
     if head.last_file_offset > MAX_FILE_OFFSET:
         raise CorruptImageError(f"log claims a file size of {head.last_file_offset} bytes", path=path,
-                                field="LogEntry.LastFileOffset")
+                                field="LogEntry.LastFileOffset", reason=Reason.CORRUPT_LOG)
     log_start, log_end = header.log_offset, header.log_offset + header.log_length
     limit = max(head.last_file_offset, file_size)
     for entry in entries:
@@ -71,7 +71,7 @@ def _check_sequence(entries: list[logfmt.LogEntry], header: Header, file_size: i
                                                                          and end > log_start):
                 raise CorruptImageError(f"log entry {entry.sequence_number} writes {length} bytes at "
                                         f"{d.file_offset}, outside the structures a log may update",
-                                        path=path, field="LogDescriptor.FileOffset")
+                                        path=path, field="LogDescriptor.FileOffset", reason=Reason.CORRUPT_LOG)
 
 
 def read_active_sequence(host: HostIO, header: Header) -> list[logfmt.LogEntry]:

@@ -17,7 +17,7 @@ import struct
 import uuid
 from collections.abc import Callable
 
-from ..errors import CorruptImageError, VhdxError
+from ..errors import CorruptImageError, Reason, VhdxError
 from ..format import guids
 from ..format import metadata as mdfmt
 from ..format.constants import LOG_SECTOR_SIZE, METADATA_TABLE_SIZE
@@ -147,7 +147,8 @@ def replace_item(image: VhdxFile, edits: PageEdits, item_id: uuid.UUID, data: by
     region_offset, region_length, table = _metadata_table(image)
     index = next((i for i, e in enumerate(table) if e.item_id == item_id and not e.is_user), None)
     if index is None:
-        raise CorruptImageError(f"metadata item {item_id} is missing", path=image.path, field="MetadataTable")
+        raise CorruptImageError(f"metadata item {item_id} is missing", path=image.path, field="MetadataTable",
+                                reason=Reason.CORRUPT_METADATA)
     entry = table[index]
     if len(data) <= entry.length:
         at = entry.offset

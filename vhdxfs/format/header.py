@@ -6,7 +6,7 @@ import struct
 import uuid
 from dataclasses import dataclass, replace
 
-from ..errors import CorruptImageError, NotVhdxError, UnsupportedError
+from ..errors import CorruptImageError, NotVhdxError, Reason, UnsupportedError
 from . import checksum
 from .constants import (
     ALIGNMENT,
@@ -89,15 +89,15 @@ class Header:
             raise UnsupportedError(f"log version {self.log_version} is not 0", field="Header.LogVersion")
         if self.log_length == 0 or self.log_length % MiB:
             raise CorruptImageError(f"log length {self.log_length} is not a non-zero multiple of 1 MiB",
-                                    field="Header.LogLength")
+                                    field="Header.LogLength", reason=Reason.CORRUPT_HEADER)
         if self.log_offset % ALIGNMENT or self.log_offset < HEADER_SECTION_SIZE:
             raise CorruptImageError(f"log offset {self.log_offset} is not 1 MiB aligned after the header "
-                                    "section", field="Header.LogOffset")
+                                    "section", field="Header.LogOffset", reason=Reason.CORRUPT_HEADER)
         # Even an empty log must lie in the file: the first logged update of a writable open writes there
         # (an offset of 2**63 would reach the host as an OverflowError, a smaller one grow the file wildly).
         if self.log_offset + self.log_length > file_size:
             raise CorruptImageError(f"log ({self.log_offset}+{self.log_length}) lies past the end of the "
-                                    f"file ({file_size} bytes)", field="Header.LogOffset")
+                                    f"file ({file_size} bytes)", field="Header.LogOffset", reason=Reason.CORRUPT_HEADER)
 
 
 def current_header(first: bytes, second: bytes) -> tuple[int, Header]:
@@ -105,9 +105,10 @@ def current_header(first: bytes, second: bytes) -> tuple[int, Header]:
     headers = [Header.decode(first), Header.decode(second)]
     valid = [(i, h) for i, h in enumerate(headers) if h is not None]
     if not valid:
-        raise CorruptImageError("neither header is valid (bad signature or checksum)", field="Header")
+        raise CorruptImageError("neither header is valid (bad signature or checksum)", field="Header",
+                                reason=Reason.CORRUPT_HEADER)
     if len(valid) == 2 and valid[0][1].sequence_number == valid[1][1].sequence_number:
         if valid[0][1] != valid[1][1]:
             raise CorruptImageError("both headers have the same sequence number but differ",
-                                    field="Header.SequenceNumber")
+                                    field="Header.SequenceNumber", reason=Reason.CORRUPT_HEADER)
     return max(valid, key=lambda item: item[1].sequence_number)

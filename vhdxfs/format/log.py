@@ -10,7 +10,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from ..errors import CorruptImageError
+from ..errors import CorruptImageError, Reason
 from . import checksum
 from .constants import (
     DATA_DESC_SIGNATURE,
@@ -98,7 +98,8 @@ def ring_slice(log: bytes | memoryview, position: int, length: int) -> bytes:
     """``length`` bytes of the ring ``log`` from ``position``, wrapping at its end."""
     size = len(log)
     if length > size:
-        raise CorruptImageError(f"entry of {length} bytes is larger than the log", field="LogEntry.EntryLength")
+        raise CorruptImageError(f"entry of {length} bytes is larger than the log", field="LogEntry.EntryLength",
+                                reason=Reason.CORRUPT_LOG)
     end = position + length
     if end <= size:
         return bytes(log[position:end])

@@ -6,7 +6,7 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 
-from ..errors import CorruptImageError, UnsupportedError
+from ..errors import CorruptImageError, Reason, UnsupportedError
 from . import guids
 from .constants import (
     MAX_BLOCK_SIZE,
@@ -39,6 +39,11 @@ KNOWN_ITEMS = {
 }
 
 
+def _damaged(message: str, *, field: str) -> CorruptImageError:
+    """An error about a damaged metadata (every one has the same typed reason)."""
+    return CorruptImageError(message, field=field, reason=Reason.CORRUPT_METADATA)
+
+
 @dataclass(frozen=True)
 class MetadataEntry:
     item_id: uuid.UUID
@@ -58,39 +63,39 @@ class MetadataEntry:
 def decode_table(data: bytes, region_length: int) -> list[MetadataEntry]:
     """Parse and validate the 64 KiB metadata table at the start of the metadata region."""
     if len(data) < METADATA_TABLE_SIZE:
-        raise CorruptImageError("metadata table is truncated", field="MetadataTable")
+        raise _damaged("metadata table is truncated", field="MetadataTable")
     sig, _res, count, _res2 = _TABLE_HEADER.unpack_from(data)
     if sig != METADATA_SIGNATURE:
-        raise CorruptImageError("bad metadata table signature", field="MetadataTable.Signature")
+        raise _damaged("bad metadata table signature", field="MetadataTable.Signature")
     if count > MAX_METADATA_ENTRIES:
-        raise CorruptImageError(f"{count} entries, more than {MAX_METADATA_ENTRIES}",
+        raise _damaged(f"{count} entries, more than {MAX_METADATA_ENTRIES}",
                                 field="MetadataTable.EntryCount")
     entries = []
     for i in range(count):
         raw, offset, length, flags = _ENTRY.unpack_from(data, _TABLE_HEADER.size + i * _ENTRY.size)
         entries.append(MetadataEntry(guids.guid_from_bytes(raw), offset, length, flags))
     if sum(e.is_user for e in entries) > MAX_USER_METADATA_ENTRIES:
-        raise CorruptImageError("more than 1024 user metadata entries", field="MetadataTable.IsUser")
+        raise _damaged("more than 1024 user metadata entries", field="MetadataTable.IsUser")
     keys = set()
     spans = []
     for e in entries:
         key = (e.item_id, e.is_user)
         if key in keys:
-            raise CorruptImageError(f"item {e.item_id} listed twice", field="MetadataTable.ItemID")
+            raise _damaged(f"item {e.item_id} listed twice", field="MetadataTable.ItemID")
         keys.add(key)
         if e.length == 0:
             continue
         if e.length > MAX_METADATA_ITEM:
-            raise CorruptImageError(f"item {e.item_id} is {e.length} bytes, more than 1 MiB",
+            raise _damaged(f"item {e.item_id} is {e.length} bytes, more than 1 MiB",
                                     field="MetadataTable.Length")
         if e.offset < METADATA_TABLE_SIZE or e.offset + e.length > region_length:
-            raise CorruptImageError(f"item {e.item_id} at {e.offset}+{e.length} lies outside the metadata "
+            raise _damaged(f"item {e.item_id} at {e.offset}+{e.length} lies outside the metadata "
                                     "region", field="MetadataTable.Offset")
         spans.append((e.offset, e.offset + e.length, e.item_id))
     spans.sort()
     for a, b in zip(spans, spans[1:], strict=False):
         if a[1] > b[0]:
-            raise CorruptImageError(f"items {a[2]} and {b[2]} overlap", field="MetadataTable.Offset")
+            raise _damaged(f"items {a[2]} and {b[2]} overlap", field="MetadataTable.Offset")
     for e in entries:
         if e.is_required and not e.is_user and e.item_id not in KNOWN_ITEMS:
             raise UnsupportedError(f"required metadata item {e.item_id} is not understood",
@@ -124,25 +129,25 @@ class ParentLocator:
     @classmethod
     def decode(cls, data: bytes) -> ParentLocator:
         if len(data) < _LOCATOR_HEADER.size:
-            raise CorruptImageError("parent locator is truncated", field="ParentLocator")
+            raise _damaged("parent locator is truncated", field="ParentLocator")
         raw_type, _res, count = _LOCATOR_HEADER.unpack_from(data)
         if _LOCATOR_HEADER.size + count * _LOCATOR_ENTRY.size > len(data):
-            raise CorruptImageError(f"{count} key/value pairs do not fit in {len(data)} bytes",
+            raise _damaged(f"{count} key/value pairs do not fit in {len(data)} bytes",
                                     field="ParentLocator.KeyValueCount")
         entries: dict[str, str] = {}
         for i in range(count):
             ko, vo, kl, vl = _LOCATOR_ENTRY.unpack_from(data, _LOCATOR_HEADER.size + i * _LOCATOR_ENTRY.size)
             if not (ko and vo and kl and vl) or ko + kl > len(data) or vo + vl > len(data) or kl % 2 or vl % 2:
-                raise CorruptImageError(f"key/value pair {i} lies outside the item or is empty",
+                raise _damaged(f"key/value pair {i} lies outside the item or is empty",
                                         field="ParentLocator.Entry")
             try:
                 key = data[ko:ko + kl].decode("utf-16-le")
                 value = data[vo:vo + vl].decode("utf-16-le")
             except UnicodeDecodeError as exc:
-                raise CorruptImageError(f"key/value pair {i} is not UTF-16: {exc}",
+                raise _damaged(f"key/value pair {i} is not UTF-16: {exc}",
                                         field="ParentLocator.Entry") from None
             if key in entries:
-                raise CorruptImageError(f"key {key!r} appears twice", field="ParentLocator.Entry")
+                raise _damaged(f"key {key!r} appears twice", field="ParentLocator.Entry")
             entries[key] = value
         return cls(entries, guids.guid_from_bytes(raw_type))
 
@@ -165,35 +170,35 @@ class Metadata:
     def validate(self) -> None:
         bs = self.block_size
         if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
-            raise CorruptImageError(f"block size {bs} is not a power of two between 1 MiB and 256 MiB",
+            raise _damaged(f"block size {bs} is not a power of two between 1 MiB and 256 MiB",
                                     field="FileParameters.BlockSize")
         if self.logical_sector_size not in SECTOR_SIZES:
-            raise CorruptImageError(f"logical sector size {self.logical_sector_size} is not 512 or 4096",
+            raise _damaged(f"logical sector size {self.logical_sector_size} is not 512 or 4096",
                                     field="LogicalSectorSize")
         if self.physical_sector_size not in SECTOR_SIZES:
-            raise CorruptImageError(f"physical sector size {self.physical_sector_size} is not 512 or 4096",
+            raise _damaged(f"physical sector size {self.physical_sector_size} is not 512 or 4096",
                                     field="PhysicalSectorSize")
         vs = self.virtual_size
         if vs == 0 or vs > MAX_VIRTUAL_SIZE or vs % self.logical_sector_size:
-            raise CorruptImageError(f"virtual size {vs} is not a non-zero multiple of the logical sector "
+            raise _damaged(f"virtual size {vs} is not a non-zero multiple of the logical sector "
                                     "size up to 64 TiB", field="VirtualDiskSize")
         if self.has_parent:
             if self.parent_locator is None:
-                raise CorruptImageError("differencing image without a parent locator", field="ParentLocator")
+                raise _damaged("differencing image without a parent locator", field="ParentLocator")
             if self.parent_locator.locator_type != guids.VHDX_LOCATOR_TYPE:
                 raise UnsupportedError(f"parent locator type {self.parent_locator.locator_type} is not VHDX",
                                        field="ParentLocator.LocatorType")
             if "parent_linkage" not in self.parent_locator.entries:
-                raise CorruptImageError("parent locator has no parent_linkage", field="ParentLocator")
+                raise _damaged("parent locator has no parent_linkage", field="ParentLocator")
 
 
 def _item(items: dict[uuid.UUID, bytes], guid: uuid.UUID) -> bytes:
     name, size = KNOWN_ITEMS[guid]
     data = items.get(guid)
     if data is None:
-        raise CorruptImageError(f"required metadata item {name} is missing", field=name)
+        raise _damaged(f"required metadata item {name} is missing", field=name)
     if size is not None and len(data) < size:
-        raise CorruptImageError(f"metadata item {name} is {len(data)} bytes, expected {size}", field=name)
+        raise _damaged(f"metadata item {name} is {len(data)} bytes, expected {size}", field=name)
     return data
 
 
@@ -249,7 +254,7 @@ def encode_region(meta: Metadata, region_length: int) -> bytes:
     for i, (guid, flags, data) in enumerate(all_items):
         at = offset if data else 0
         if at + len(data) > region_length:
-            raise CorruptImageError("metadata items do not fit in the metadata region", field="MetadataTable")
+            raise _damaged("metadata items do not fit in the metadata region", field="MetadataTable")
         _ENTRY.pack_into(buf, _TABLE_HEADER.size + i * _ENTRY.size, guids.guid_to_bytes(guid), at, len(data),
                          flags)
         buf[at:at + len(data)] = data

@@ -6,7 +6,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from ..errors import CorruptImageError, UnsupportedError
+from ..errors import CorruptImageError, Reason, UnsupportedError
 from . import checksum
 from .constants import HEADER_SECTION_SIZE, MAX_REGION_ENTRIES, REGION_SIGNATURE, REGION_TABLE_SIZE, MiB
 from .guids import BAT_REGION, METADATA_REGION, guid_from_bytes, guid_to_bytes
@@ -15,6 +15,11 @@ _TABLE_HEADER = struct.Struct("<4sIII")
 _ENTRY = struct.Struct("<16sQII")
 _CHECKSUM_AT = 4
 KNOWN_REGIONS = {BAT_REGION: "BAT", METADATA_REGION: "metadata"}
+
+
+def _damaged(message: str, *, field: str) -> CorruptImageError:
+    """An error about a damaged region table (every one has the same typed reason)."""
+    return CorruptImageError(message, field=field, reason=Reason.CORRUPT_REGION_TABLE)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class RegionTable:
         if sig != REGION_SIGNATURE or not checksum.verify(data, _CHECKSUM_AT):
             return None
         if count > MAX_REGION_ENTRIES:
-            raise CorruptImageError(f"{count} entries, more than {MAX_REGION_ENTRIES}",
+            raise _damaged(f"{count} entries, more than {MAX_REGION_ENTRIES}",
                                     field="RegionTable.EntryCount")
         entries = []
         for i in range(count):
@@ -69,26 +74,26 @@ class RegionTable:
         for e in self.entries:
             name = KNOWN_REGIONS.get(e.guid, str(e.guid))
             if e.guid in seen:
-                raise CorruptImageError(f"region {name} listed twice", field="RegionTable.Guid")
+                raise _damaged(f"region {name} listed twice", field="RegionTable.Guid")
             seen.add(e.guid)
             if e.guid not in KNOWN_REGIONS and e.required:
                 raise UnsupportedError(f"required region {e.guid} is not understood",
                                        field="RegionTable.Required")
             if e.file_offset % MiB or e.file_offset < HEADER_SECTION_SIZE:
-                raise CorruptImageError(f"region {name} offset {e.file_offset} is not 1 MiB aligned past the "
+                raise _damaged(f"region {name} offset {e.file_offset} is not 1 MiB aligned past the "
                                         "header section", field="RegionTable.FileOffset")
             if e.length == 0 or e.length % MiB:
-                raise CorruptImageError(f"region {name} length {e.length} is not a non-zero multiple of "
+                raise _damaged(f"region {name} length {e.length} is not a non-zero multiple of "
                                         "1 MiB", field="RegionTable.Length")
             if e.end > file_size:
-                raise CorruptImageError(f"region {name} ends at {e.end}, past the end of the file "
+                raise _damaged(f"region {name} ends at {e.end}, past the end of the file "
                                         f"({file_size} bytes)", field="RegionTable.FileOffset")
         for guid, name in KNOWN_REGIONS.items():
             if guid not in seen:
-                raise CorruptImageError(f"the {name} region is missing", field="RegionTable")
+                raise _damaged(f"the {name} region is missing", field="RegionTable")
         ordered = sorted(self.entries, key=lambda e: e.file_offset)
         for a, b in zip(ordered, ordered[1:], strict=False):
             if a.end > b.file_offset:
-                raise CorruptImageError(
+                raise _damaged(
                     f"regions {KNOWN_REGIONS.get(a.guid, a.guid)} and {KNOWN_REGIONS.get(b.guid, b.guid)} "
                     "overlap", field="RegionTable.FileOffset")

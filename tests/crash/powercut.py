@@ -1,6 +1,6 @@
 """A host file that loses power: it keeps what an fdatasync made durable apart from what is only written.
 
-``PowerCutHost`` is a HostIO (vhdxfs.engine.hostio) for the host seam. Writes since the last fdatasync are volatile;
+``PowerCutHost`` is a HostIO (vhdxfs.engine.image.host) for the host seam. Writes since the last fdatasync are volatile;
 at the chosen operation number the power goes: the operation raises ``PowerCut``, and ``survivor()``
 builds what a disk could hold afterwards: the durable bytes plus a random subset of the volatile
 writes, each kept whole, dropped, or torn at 512-byte granularity; an unsynced size change may be lost.

@@ -18,10 +18,8 @@ An image reported unrepairable is left byte for byte as it was (repair.py: "not 
 
 from __future__ import annotations
 
-from vhdxfs.engine import Disk
+from vhdxfs.engine import Disk, check_and_repair, repair_image
 from vhdxfs.engine.image import VhdxFile
-from vhdxfs.engine.inspect import check_and_repair
-from vhdxfs.engine.repair import repair_image
 from vhdxfs.errors import VhdxError
 from vhdxfs.format.bat import PayloadState
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vhdxfs.engine import Disk
-from vhdxfs.engine.parent import candidates, linkage_guids
+from vhdxfs.engine.image.parents import candidates, linkage_guids
 from vhdxfs.format.metadata import Metadata, ParentLocator
 
 from .cases import Case, snapshot

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vhdxfs.engine import Disk
+from vhdxfs.engine import Disk, check_image
 from vhdxfs.engine.image import VhdxFile
-from vhdxfs.engine.inspect import check_image
 
 from .cases import case, snapshot
 from .guards import refused

@@ -9,8 +9,7 @@ import crc32c
 import pytest
 
 from tests.helpers import make_image
-from vhdxfs.engine import Disk
-from vhdxfs.engine.inspect import check_and_repair
+from vhdxfs.engine import Disk, check_and_repair
 from vhdxfs.errors import CorruptImageError
 
 MiB = 1 << 20

@@ -14,7 +14,7 @@ from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean, ran
 from vhdxfs.engine import check_image, commit, create_child
 from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.image import VhdxFile
-from vhdxfs.engine.parent import linkage_guids
+from vhdxfs.engine.image.parents import linkage_guids
 from vhdxfs.format.guids import parse_braced
 
 MiB = 1 << 20

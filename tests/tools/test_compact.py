@@ -11,7 +11,7 @@ from tests.crash.powercut import Disk, PowerCut, PowerCutHost
 from tests.helpers import make_image, need_tools, on_disk, qemu_check_clean, run, vhdxfs
 from vhdxfs.engine import check_image, compact
 from vhdxfs.engine.aio import AsyncDisk
-from vhdxfs.engine.compaction import move_tail_blocks  # pass 2 alone: a test seam
+from vhdxfs.engine.ops.compact import move_tail_blocks  # pass 2 alone: a test seam
 
 MiB = 1 << 20
 

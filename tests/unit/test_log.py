@@ -106,8 +106,8 @@ def test_an_empty_log_has_no_sequence():
 
 def test_the_log_writer_splits_big_commits_and_never_exceeds_half_the_log():
     from vhdxfs.engine import MemoryFile
-    from vhdxfs.engine.headers import HeaderState
-    from vhdxfs.engine.journal import LogWriter
+    from vhdxfs.engine.image.headers import HeaderState
+    from vhdxfs.engine.image.journal import LogWriter
     from vhdxfs.format.header import Header
 
     host = MemoryFile(bytes(8 * MiB))

@@ -20,8 +20,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from vhdxfs.engine import ImageSpec, MemoryFile, PosixFile, create_image
-from vhdxfs.engine.aio import AsyncDisk
-from vhdxfs.engine.aio.host import AsyncHost
+from vhdxfs.engine.aio import AsyncDisk, AsyncHost
 from vhdxfs.engine.aio.writeback import GRANULE, WriteBack
 from vhdxfs.errors import HostIOError
 

@@ -11,19 +11,20 @@ The async form for trio code is ``vhdxfs.engine.aio.AsyncDisk``: the same steps,
 README "Design" draws the layers.
 """
 
-from .disk import Disk
-from .hostio import FileBase, HostFactory, HostIO, MemoryFile, PosixFile
-from .translate import Extent, Kind
+from .disk.sync import Disk
+from .disk.translate import Extent, Kind
+from .image.host import FileBase, HostFactory, HostIO, MemoryFile, PosixFile
 
 # The image operations load on first use: a command imports only what it runs (fast start).
 _LAZY = {
-    "CompactResult": "compaction", "compact": "compaction",
-    "check_and_repair": "inspect", "check_image": "inspect", "describe": "inspect",
-    "ImageSpec": "layout", "create_child": "layout", "create_image": "layout", "default_block_size": "layout",
-    "CommitResult": "merge", "commit": "merge",
-    "Progress": "progress", "no_progress": "progress",
-    "repair_image": "repair",
-    "ResizeResult": "resizing", "resize": "resizing",
+    "CompactResult": "ops.compact", "compact": "ops.compact",
+    "check_and_repair": "ops.check", "check_image": "ops.check", "describe": "ops.check",
+    "ImageSpec": "ops.create", "create_child": "ops.create", "create_image": "ops.create",
+    "default_block_size": "ops.create",
+    "CommitResult": "ops.commit", "commit": "ops.commit",
+    "Progress": "ops.progress", "no_progress": "ops.progress",
+    "repair_image": "ops.repair",
+    "ResizeResult": "ops.resize", "resize": "ops.resize",
 }
 
 __all__ = ["Disk", "Extent", "FileBase", "HostFactory", "HostIO", "Kind", "MemoryFile", "PosixFile", *_LAZY]

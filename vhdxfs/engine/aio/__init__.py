@@ -1,5 +1,7 @@
-"""The engine for trio: AsyncDisk runs the synchronous core's steps with trio (see engine/steps.py)."""
+"""The engine for trio: ``AsyncDisk`` moves the bytes of the core's plans with trio (asyncdisk.py) over each
+image's ``AsyncHost`` (asynchost.py: inline cached reads, worker threads, the write-back queue)."""
 
-from .disk import AsyncDisk, close_disks, open_disks
+from .asyncdisk import AsyncDisk, close_disks, open_disks
+from .asynchost import AsyncHost
 
-__all__ = ["AsyncDisk", "close_disks", "open_disks"]
+__all__ = ["AsyncDisk", "AsyncHost", "close_disks", "open_disks"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..format.constants import HEADER_SECTION_SIZE, MiB
+from ...format.constants import HEADER_SECTION_SIZE, MiB
 
 
 class Span(NamedTuple):

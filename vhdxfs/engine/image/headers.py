@@ -16,11 +16,11 @@ from __future__ import annotations
 import threading
 import uuid
 
-from ..errors import CorruptImageError, Reason, VhdxError
-from ..format import guids
-from ..format.constants import HEADER_OFFSETS
-from ..format.header import Header
-from .hostio import HostIO
+from ...errors import CorruptImageError, Reason, VhdxError
+from ...format import guids
+from ...format.constants import HEADER_OFFSETS
+from ...format.header import Header
+from .host import HostIO
 
 _MAX_SEQUENCE = (1 << 64) - 1
 

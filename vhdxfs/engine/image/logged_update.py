@@ -17,12 +17,12 @@ import struct
 import uuid
 from collections.abc import Callable
 
-from ..errors import CorruptImageError, Reason, VhdxError
-from ..format import guids
-from ..format import metadata as mdfmt
-from ..format.constants import LOG_SECTOR_SIZE, METADATA_TABLE_SIZE
-from .image import VhdxFile
+from ...errors import CorruptImageError, Reason, VhdxError
+from ...format import guids
+from ...format import metadata as mdfmt
+from ...format.constants import LOG_SECTOR_SIZE, METADATA_TABLE_SIZE
 from .journal import LogWriter
+from .loader import VhdxFile
 
 PAGE = LOG_SECTOR_SIZE
 # Metadata table layout (2.6.1.1, 2.6.1.2): a 32-byte header, then 32-byte entries whose Offset and

@@ -9,10 +9,10 @@ the pages back, so the next flush tries again.
 
 from __future__ import annotations
 
-from .allocation import Allocation
-from .dirty import PageBatch
-from .headers import HeaderState
-from .journal import LogWriter
+from ..image.dirty import PageBatch
+from ..image.headers import HeaderState
+from ..image.journal import LogWriter
+from .allocate import Allocation
 from .steps import Step, StepIO
 
 

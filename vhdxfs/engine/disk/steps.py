@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
-from .hostio import HostIO
+from ..image.host import HostIO
 
 # A step: yields (function, *args) operations, is sent their results, returns the operation's result.
 Step = Generator[tuple, Any, Any]

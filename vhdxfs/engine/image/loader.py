@@ -14,11 +14,11 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from ..errors import CorruptImageError, Reason, UnsupportedError, VhdxError
-from ..format import guids
-from ..format import metadata as mdfmt
-from ..format.bat import Geometry
-from ..format.constants import (
+from ...errors import CorruptImageError, Reason, UnsupportedError, VhdxError
+from ...format import guids
+from ...format import metadata as mdfmt
+from ...format.bat import Geometry
+from ...format.constants import (
     HEADER_OFFSETS,
     HEADER_SECTION_SIZE,
     HEADER_SIZE,
@@ -26,12 +26,12 @@ from ..format.constants import (
     REGION_TABLE_OFFSETS,
     REGION_TABLE_SIZE,
 )
-from ..format.header import Header, check_file_identifier, current_header
-from ..format.region import RegionTable
+from ...format.header import Header, check_file_identifier, current_header
+from ...format.region import RegionTable
 from . import journal
-from .bat import BlockAllocationTable
+from .block_table import BlockAllocationTable
 from .headers import HeaderState
-from .hostio import HostFactory, HostIO, PosixFile
+from .host import HostFactory, HostIO, PosixFile
 from .spacemap import SpaceMap, Span
 
 

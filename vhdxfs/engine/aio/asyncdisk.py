@@ -15,12 +15,12 @@ import uuid
 
 import trio
 
-from ..core import DiskCore
-from ..disk import DiskFacts
-from ..hostio import HostFactory, PosixFile
-from ..steps import Step
-from ..translate import Extent
-from .host import AsyncHost
+from ..disk.core import DiskCore
+from ..disk.steps import Step
+from ..disk.sync import DiskFacts
+from ..disk.translate import Extent
+from ..image.host import HostFactory, PosixFile
+from .asynchost import AsyncHost
 
 log = logging.getLogger("vhdxfs")
 

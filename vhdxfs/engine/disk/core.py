@@ -12,14 +12,14 @@ import os
 import uuid
 from pathlib import Path
 
-from ..errors import OutOfRangeError, ParentError, ReadOnlyError, VhdxError
-from ..format.bat import PayloadState
-from . import parent as parents
-from .allocation import Allocation
-from .committer import Committer
-from .hostio import HostFactory, PosixFile
-from .image import VhdxFile
-from .journal import LogWriter
+from ...errors import OutOfRangeError, ParentError, ReadOnlyError, VhdxError
+from ...format.bat import PayloadState
+from ..image import parents
+from ..image.host import HostFactory, PosixFile
+from ..image.journal import LogWriter
+from ..image.loader import VhdxFile
+from .allocate import Allocation
+from .flush import Committer
 from .steps import Step, StepIO
 from .translate import Extent, Kind, Translator, blocks, new_bitmaps
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..format.bat import BitmapState, entry_state
-from ..format.constants import MiB
-from .disk import Disk
-from .hostio import HostFactory, PosixFile
-from .image import VhdxFile
-from .metadata_update import LoggedUpdate
+from ...format.bat import BitmapState, entry_state
+from ...format.constants import MiB
+from ..disk.sync import Disk
+from ..disk.translate import Kind
+from ..image.host import HostFactory, PosixFile
+from ..image.loader import VhdxFile
+from ..image.logged_update import LoggedUpdate
 from .progress import Progress, no_progress
-from .translate import Kind
 
 COPY_CHUNK = 4 * MiB
 

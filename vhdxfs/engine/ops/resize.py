@@ -19,15 +19,15 @@ import sys
 from array import array
 from dataclasses import dataclass, replace
 
-from ..errors import UnsupportedError, UsageError, VhdxError
-from ..format import guids
-from ..format.bat import Geometry, PayloadState, make_entry
-from ..format.constants import MAX_VIRTUAL_SIZE, REGION_TABLE_OFFSETS, MiB
-from ..format.region import RegionTable
-from ..sizes import format_size
-from .hostio import HostFactory, PosixFile
-from .image import VhdxFile
-from .metadata_update import LoggedUpdate, PageEdits, changed_pages, check_fits, replace_item
+from ...errors import UnsupportedError, UsageError, VhdxError
+from ...format import guids
+from ...format.bat import Geometry, PayloadState, make_entry
+from ...format.constants import MAX_VIRTUAL_SIZE, REGION_TABLE_OFFSETS, MiB
+from ...format.region import RegionTable
+from ...sizes import format_size
+from ..image.host import HostFactory, PosixFile
+from ..image.loader import VhdxFile
+from ..image.logged_update import LoggedUpdate, PageEdits, changed_pages, check_fits, replace_item
 
 _HOLDS_DATA = (PayloadState.FULLY_PRESENT, PayloadState.PARTIALLY_PRESENT)
 _COMPARE_STEP = 4 * MiB

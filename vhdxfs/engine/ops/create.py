@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
-from ..errors import HostIOError, UsageError, VhdxError
-from ..format import guids
-from ..format.bat import Geometry, PayloadState, make_entry
-from ..format.constants import (
+from ...errors import HostIOError, UsageError, VhdxError
+from ...format import guids
+from ...format.bat import Geometry, PayloadState, make_entry
+from ...format.constants import (
     HEADER_OFFSETS,
     HEADER_SECTION_SIZE,
     MAX_BLOCK_SIZE,
@@ -33,10 +33,10 @@ from ..format.constants import (
     MiB,
     TiB,
 )
-from ..format.header import Header, encode_file_identifier
-from ..format.metadata import Metadata, ParentLocator, encode_region
-from ..format.region import RegionEntry, RegionTable
-from .image import VhdxFile
+from ...format.header import Header, encode_file_identifier
+from ...format.metadata import Metadata, ParentLocator, encode_region
+from ...format.region import RegionEntry, RegionTable
+from ..image.loader import VhdxFile
 
 METADATA_REGION_LENGTH = 1 * MiB
 DEFAULT_CHILD_BLOCK_SIZE = 2 * MiB  # Hyper-V's default for differencing disks

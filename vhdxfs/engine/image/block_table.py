@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from array import array
 
-from ..format.bat import (
+from ...format.bat import (
     OFFSET_SHIFT,
     RESERVED_MASK,
     BitmapState,
@@ -19,7 +19,7 @@ from ..format.bat import (
     entry_state,
     make_entry,
 )
-from ..format.constants import LOG_SECTOR_SIZE, MiB
+from ...format.constants import LOG_SECTOR_SIZE, MiB
 from .dirty import DirtySet
 from .spacemap import Span
 

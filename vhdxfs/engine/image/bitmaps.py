@@ -6,8 +6,8 @@ Bitmap blocks (1 MiB, one per chunk) are loaded on first use and kept in memory;
 
 from __future__ import annotations
 
-from ..format.bat import BitmapState, Geometry
-from ..format.constants import LOG_SECTOR_SIZE, SECTOR_BITMAP_BLOCK_SIZE
+from ...format.bat import BitmapState, Geometry
+from ...format.constants import LOG_SECTOR_SIZE, SECTOR_BITMAP_BLOCK_SIZE
 from .dirty import DirtySet
 
 _FULL = 0xFF

@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptImageError, VhdxError
-from .disk import Disk
-from .hostio import HostFactory, PosixFile
-from .image import VhdxFile
+from ...errors import CorruptImageError, VhdxError
+from ..disk.sync import Disk
+from ..image.host import HostFactory, PosixFile
+from ..image.loader import VhdxFile
 from .repair import repair_image
 
 # Observations of the loader that make an image inconsistent; the rest are warnings.

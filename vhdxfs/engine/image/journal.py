@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CorruptImageError, Reason, VhdxError
-from ..format import log as logfmt
-from ..format.constants import HEADER_OFFSETS, HEADER_SIZE, LOG_SECTOR_SIZE, MiB, TiB
-from ..format.header import Header
+from ...errors import CorruptImageError, Reason, VhdxError
+from ...format import log as logfmt
+from ...format.constants import HEADER_OFFSETS, HEADER_SIZE, LOG_SECTOR_SIZE, MiB, TiB
+from ...format.header import Header
 from .headers import HeaderState
-from .hostio import HostIO
+from .host import HostIO
 
 # No VHDX file is larger than its payload (64 TiB at most) plus metadata; refuse logs that claim more.
 MAX_FILE_OFFSET = 128 * TiB

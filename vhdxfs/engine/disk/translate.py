@@ -18,10 +18,10 @@ from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple
 
-from ..format.bat import PayloadState
-from ..format.constants import SECTOR_BITMAP_BLOCK_SIZE
-from .bat import BlockAllocationTable
-from .bitmap import SectorBitmaps, bit_runs
+from ...format.bat import PayloadState
+from ...format.constants import SECTOR_BITMAP_BLOCK_SIZE
+from ..image.bitmaps import SectorBitmaps, bit_runs
+from ..image.block_table import BlockAllocationTable
 from .steps import Step, StepIO
 
 _PRESENT = int(PayloadState.FULLY_PRESENT)

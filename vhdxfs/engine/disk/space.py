@@ -9,7 +9,7 @@ is not in its pages, so it waits for the next flush.
 
 from __future__ import annotations
 
-from ..format.constants import MiB
+from ...format.constants import MiB
 
 
 class Allocator:

@@ -20,7 +20,7 @@ import outcome
 import trio
 
 from ...errors import HostIOError
-from ..hostio import HostIO
+from ..image.host import HostIO
 from .writeback import WriteBack
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import HostIOError, ImageLockedError
+from ...errors import HostIOError, ImageLockedError
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

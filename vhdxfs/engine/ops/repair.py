@@ -32,12 +32,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import CorruptImageError, UnsupportedError, VhdxError
-from ..format.bat import BitmapState, PayloadState
-from ..format.constants import REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, MiB
-from .hostio import HostFactory, PosixFile
-from .image import VhdxFile
-from .metadata_update import LoggedUpdate, PageEdits
+from ...errors import CorruptImageError, UnsupportedError, VhdxError
+from ...format.bat import BitmapState, PayloadState
+from ...format.constants import REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, MiB
+from ..image.host import HostFactory, PosixFile
+from ..image.loader import VhdxFile
+from ..image.logged_update import LoggedUpdate, PageEdits
 
 # The loader's observations (image.py) that call for a repair.
 _HEADERS_DIFFER = ("header", "the headers differ at the same sequence number")

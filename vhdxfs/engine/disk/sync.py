@@ -12,9 +12,9 @@ import threading
 import uuid
 from pathlib import Path
 
-from ..errors import VhdxError
+from ...errors import VhdxError
+from ..image.host import HostFactory, PosixFile
 from .core import DiskCore
-from .hostio import HostFactory, PosixFile
 from .steps import SyncIO, run_sync
 from .translate import Extent
 

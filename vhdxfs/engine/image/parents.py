@@ -12,9 +12,9 @@ import os
 import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..errors import ParentError
-from ..format.guids import parse_braced
-from ..format.metadata import Metadata
+from ...errors import ParentError
+from ...format.guids import parse_braced
+from ...format.metadata import Metadata
 
 MAX_CHAIN_DEPTH = 64
 

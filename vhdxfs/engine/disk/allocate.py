@@ -9,11 +9,11 @@ in the file. Space freed by an unmap is reused only once the BAT change that fre
 
 from __future__ import annotations
 
-from ..format.bat import BitmapState, PayloadState
-from ..format.constants import SECTOR_BITMAP_BLOCK_SIZE
-from .allocator import Allocator
-from .bat import BlockAllocationTable
-from .bitmap import SectorBitmaps, all_set
+from ...format.bat import BitmapState, PayloadState
+from ...format.constants import SECTOR_BITMAP_BLOCK_SIZE
+from ..image.bitmaps import SectorBitmaps, all_set
+from ..image.block_table import BlockAllocationTable
+from .space import Allocator
 from .steps import Step, StepIO
 from .translate import Translator
 

@@ -25,19 +25,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ParentError, UsageError
-from ..format import guids
-from ..format.constants import MiB
-from ..format.metadata import ParentLocator
-from .core import DiskCore
-from .disk import Disk
-from .hostio import HostFactory, PosixFile
-from .image import VhdxFile
-from .metadata_update import LoggedUpdate, PageEdits, check_fits, replace_item
-from .parent import check_parent, find_parent
+from ...errors import ParentError, UsageError
+from ...format import guids
+from ...format.constants import MiB
+from ...format.metadata import ParentLocator
+from ..disk.core import DiskCore
+from ..disk.steps import SyncIO, run_sync
+from ..disk.sync import Disk
+from ..disk.translate import Kind, Translator, new_bitmaps
+from ..image.host import HostFactory, PosixFile
+from ..image.loader import VhdxFile
+from ..image.logged_update import LoggedUpdate, PageEdits, check_fits, replace_item
+from ..image.parents import check_parent, find_parent
 from .progress import Progress, no_progress
-from .steps import SyncIO, run_sync
-from .translate import Kind, Translator, new_bitmaps
 
 CHUNK = 4 * MiB
 

@@ -20,8 +20,13 @@ from pathlib import Path
 # The only engine modules a front end may import.
 PUBLIC_ENGINE = {"vhdxfs.engine", "vhdxfs.engine.aio"}
 
-FORMAT, ENGINE, ASYNC_ENGINE, FRONT_END, ENTRY = range(5)  # the layers, bottom to top
-LAYER_NAMES = ["format", "engine core", "async engine", "front end", "entry"]
+# The layers, bottom to top. The engine is four of them: the image file (structures, host I/O), the virtual
+# disk (translation, allocation, guards, flush: the core's contract), then on it the trio driver and the
+# offline operations side by side (neither imports the other), and the package's public face.
+FORMAT, IMAGE, DISK, DRIVERS, ENGINE_API, FRONT_END, ENTRY = range(7)
+LAYER_NAMES = ["format", "engine: image", "engine: disk", "engine: aio and ops", "engine: public API", "front end",
+               "entry"]
+SIDE_BY_SIDE = ["vhdxfs.engine.aio", "vhdxfs.engine.ops"]  # one layer, and neither imports the other
 
 # A module belongs to the layer of the most specific package (or module) listed here that contains it.
 LAYERS = {
@@ -29,8 +34,11 @@ LAYERS = {
     "vhdxfs.sizes": FORMAT,
     "vhdxfs.format": FORMAT,
     "vhdxfs.service": FORMAT,  # daemon plumbing (fork, pid records, logs, systemd): knows no image
-    "vhdxfs.engine": ENGINE,
-    "vhdxfs.engine.aio": ASYNC_ENGINE,
+    "vhdxfs.engine.image": IMAGE,
+    "vhdxfs.engine.disk": DISK,
+    "vhdxfs.engine.aio": DRIVERS,
+    "vhdxfs.engine.ops": DRIVERS,
+    "vhdxfs.engine": ENGINE_API,  # vhdxfs/engine/__init__.py alone: every engine module is in a sub-package
     "vhdxfs.mount": FRONT_END,
     "vhdxfs.tools": FRONT_END,
     "vhdxfs.nbd": FRONT_END,
@@ -198,6 +206,18 @@ def test_imports_point_down():
               for i in internal_imports()
               if None not in (layer(i.source), layer(i.target)) and layer(i.target) > layer(i.source)]
     assert not upward, "imports pointing up a layer:\n" + listing(upward)
+
+
+def test_every_engine_module_is_in_a_sub_package():
+    loose = [name for name in modules() if in_package(name, "vhdxfs.engine") and name.count(".") == 2
+             and name not in LAYERS]
+    assert not loose, "engine modules outside image/, disk/, aio/, ops/:\n" + listing(loose)
+
+
+def test_the_trio_driver_and_the_offline_operations_do_not_import_each_other():
+    wrong = [i for i in internal_imports() for a, b in (SIDE_BY_SIDE, SIDE_BY_SIDE[::-1])
+             if in_package(i.source, a) and in_package(i.target, b)]
+    assert not wrong, "imports between vhdxfs.engine.aio and vhdxfs.engine.ops:\n" + listing(wrong)
 
 
 def test_format_does_not_import_the_engine():

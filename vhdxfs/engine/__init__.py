@@ -7,12 +7,14 @@ Synchronous core, no trio imported (``import vhdxfs.engine`` stays fast):
   repair_image, resize, compact, commit;
 - host I/O: the HostIO protocol, PosixFile (an OS file, locked), MemoryFile, FileBase.
 
-The async form for trio code is ``vhdxfs.engine.aio.AsyncDisk``: the same steps, driven by trio.
-README "Design" draws the layers.
+The async form for trio code is ``vhdxfs.engine.aio.AsyncDisk``: the same contract, driven by trio.
+docs/design.md ("Layers") draws the layers.
 """
 
+from typing import Any
+
+from .disk.runs import Extent, Kind
 from .disk.sync import Disk
-from .disk.translate import Extent, Kind
 from .image.host import FileBase, HostFactory, HostIO, MemoryFile, PosixFile
 
 # The image operations load on first use: a command imports only what it runs (fast start).
@@ -30,7 +32,7 @@ _LAZY = {
 __all__ = ["Disk", "Extent", "FileBase", "HostFactory", "HostIO", "Kind", "MemoryFile", "PosixFile", *_LAZY]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vhdxfs.engine' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..errors import CorruptImageError, NotVhdxError, Reason, UnsupportedError
 from . import checksum
@@ -77,7 +78,7 @@ class Header:
     def log_is_empty(self) -> bool:
         return self.log_guid == NULL_GUID
 
-    def next(self, **changes: object) -> Header:
+    def next(self, **changes: Any) -> Header:
         """The header that replaces this one: sequence number plus one, with ``changes`` applied."""
         return replace(self, sequence_number=self.sequence_number + 1, **changes)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import CorruptImageError, Reason
@@ -65,7 +66,7 @@ def entry_size(data_sectors: int, zero_descriptors: int = 0) -> int:
 
 def encode_entry(*, sequence_number: int, tail: int, log_guid: uuid.UUID, flushed_file_offset: int,
                  last_file_offset: int, writes: list[tuple[int, bytes]],
-                 zeros: list[tuple[int, int]] = ()) -> bytes:
+                 zeros: Sequence[tuple[int, int]] = ()) -> bytes:
     """Build one log entry: ``writes`` are (file offset, 4 KiB sector) pairs, ``zeros`` (offset, length)."""
     count = len(writes) + len(zeros)
     desc_sectors = descriptor_sectors(count)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import CorruptImageError, Reason, UnsupportedError
@@ -69,7 +70,7 @@ def decode_table(data: bytes, region_length: int) -> list[MetadataEntry]:
         raise _damaged("bad metadata table signature", field="MetadataTable.Signature")
     if count > MAX_METADATA_ENTRIES:
         raise _damaged(f"{count} entries, more than {MAX_METADATA_ENTRIES}",
-                                field="MetadataTable.EntryCount")
+                       field="MetadataTable.EntryCount")
     entries = []
     for i in range(count):
         raw, offset, length, flags = _ENTRY.unpack_from(data, _TABLE_HEADER.size + i * _ENTRY.size)
@@ -87,10 +88,10 @@ def decode_table(data: bytes, region_length: int) -> list[MetadataEntry]:
             continue
         if e.length > MAX_METADATA_ITEM:
             raise _damaged(f"item {e.item_id} is {e.length} bytes, more than 1 MiB",
-                                    field="MetadataTable.Length")
+                           field="MetadataTable.Length")
         if e.offset < METADATA_TABLE_SIZE or e.offset + e.length > region_length:
             raise _damaged(f"item {e.item_id} at {e.offset}+{e.length} lies outside the metadata "
-                                    "region", field="MetadataTable.Offset")
+                           "region", field="MetadataTable.Offset")
         spans.append((e.offset, e.offset + e.length, e.item_id))
     spans.sort()
     for a, b in zip(spans, spans[1:], strict=False):
@@ -133,19 +134,19 @@ class ParentLocator:
         raw_type, _res, count = _LOCATOR_HEADER.unpack_from(data)
         if _LOCATOR_HEADER.size + count * _LOCATOR_ENTRY.size > len(data):
             raise _damaged(f"{count} key/value pairs do not fit in {len(data)} bytes",
-                                    field="ParentLocator.KeyValueCount")
+                           field="ParentLocator.KeyValueCount")
         entries: dict[str, str] = {}
         for i in range(count):
             ko, vo, kl, vl = _LOCATOR_ENTRY.unpack_from(data, _LOCATOR_HEADER.size + i * _LOCATOR_ENTRY.size)
             if not (ko and vo and kl and vl) or ko + kl > len(data) or vo + vl > len(data) or kl % 2 or vl % 2:
                 raise _damaged(f"key/value pair {i} lies outside the item or is empty",
-                                        field="ParentLocator.Entry")
+                               field="ParentLocator.Entry")
             try:
                 key = data[ko:ko + kl].decode("utf-16-le")
                 value = data[vo:vo + vl].decode("utf-16-le")
             except UnicodeDecodeError as exc:
                 raise _damaged(f"key/value pair {i} is not UTF-16: {exc}",
-                                        field="ParentLocator.Entry") from None
+                               field="ParentLocator.Entry") from None
             if key in entries:
                 raise _damaged(f"key {key!r} appears twice", field="ParentLocator.Entry")
             entries[key] = value
@@ -171,17 +172,17 @@ class Metadata:
         bs = self.block_size
         if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
             raise _damaged(f"block size {bs} is not a power of two between 1 MiB and 256 MiB",
-                                    field="FileParameters.BlockSize")
+                           field="FileParameters.BlockSize")
         if self.logical_sector_size not in SECTOR_SIZES:
             raise _damaged(f"logical sector size {self.logical_sector_size} is not 512 or 4096",
-                                    field="LogicalSectorSize")
+                           field="LogicalSectorSize")
         if self.physical_sector_size not in SECTOR_SIZES:
             raise _damaged(f"physical sector size {self.physical_sector_size} is not 512 or 4096",
-                                    field="PhysicalSectorSize")
+                           field="PhysicalSectorSize")
         vs = self.virtual_size
         if vs == 0 or vs > MAX_VIRTUAL_SIZE or vs % self.logical_sector_size:
             raise _damaged(f"virtual size {vs} is not a non-zero multiple of the logical sector "
-                                    "size up to 64 TiB", field="VirtualDiskSize")
+                           "size up to 64 TiB", field="VirtualDiskSize")
         if self.has_parent:
             if self.parent_locator is None:
                 raise _damaged("differencing image without a parent locator", field="ParentLocator")
@@ -202,7 +203,7 @@ def _item(items: dict[uuid.UUID, bytes], guid: uuid.UUID) -> bytes:
     return data
 
 
-def decode_items(entries: list[MetadataEntry], read: callable) -> Metadata:
+def decode_items(entries: list[MetadataEntry], read: Callable[[int, int], bytes]) -> Metadata:
     """Build Metadata from the table; ``read(offset, length)`` returns bytes of the metadata region."""
     system: dict[uuid.UUID, bytes] = {}
     extra: dict[tuple[uuid.UUID, bool], tuple[int, bytes]] = {}

@@ -58,7 +58,7 @@ class RegionTable:
             return None
         if count > MAX_REGION_ENTRIES:
             raise _damaged(f"{count} entries, more than {MAX_REGION_ENTRIES}",
-                                    field="RegionTable.EntryCount")
+                           field="RegionTable.EntryCount")
         entries = []
         for i in range(count):
             raw_guid, offset, length, required = _ENTRY.unpack_from(data, _TABLE_HEADER.size + i * _ENTRY.size)
@@ -67,6 +67,13 @@ class RegionTable:
 
     def find(self, guid: uuid.UUID) -> RegionEntry | None:
         return next((e for e in self.entries if e.guid == guid), None)
+
+    def region(self, guid: uuid.UUID) -> RegionEntry:
+        """The entry of a region every image has (BAT, metadata): ``validate`` makes sure they are there."""
+        entry = self.find(guid)
+        if entry is None:
+            raise _damaged(f"the {KNOWN_REGIONS.get(guid, guid)} region is missing", field="RegionTable")
+        return entry
 
     def validate(self, file_size: int) -> None:
         """Known regions present, every region aligned, inside the file and apart from the others."""
@@ -81,13 +88,13 @@ class RegionTable:
                                        field="RegionTable.Required")
             if e.file_offset % MiB or e.file_offset < HEADER_SECTION_SIZE:
                 raise _damaged(f"region {name} offset {e.file_offset} is not 1 MiB aligned past the "
-                                        "header section", field="RegionTable.FileOffset")
+                               "header section", field="RegionTable.FileOffset")
             if e.length == 0 or e.length % MiB:
                 raise _damaged(f"region {name} length {e.length} is not a non-zero multiple of "
-                                        "1 MiB", field="RegionTable.Length")
+                               "1 MiB", field="RegionTable.Length")
             if e.end > file_size:
                 raise _damaged(f"region {name} ends at {e.end}, past the end of the file "
-                                        f"({file_size} bytes)", field="RegionTable.FileOffset")
+                               f"({file_size} bytes)", field="RegionTable.FileOffset")
         for guid, name in KNOWN_REGIONS.items():
             if guid not in seen:
                 raise _damaged(f"the {name} region is missing", field="RegionTable")
@@ -95,5 +102,5 @@ class RegionTable:
         for a, b in zip(ordered, ordered[1:], strict=False):
             if a.end > b.file_offset:
                 raise _damaged(
-                    f"regions {KNOWN_REGIONS.get(a.guid, a.guid)} and {KNOWN_REGIONS.get(b.guid, b.guid)} "
-                    "overlap", field="RegionTable.FileOffset")
+                               f"regions {KNOWN_REGIONS.get(a.guid, a.guid)} and {KNOWN_REGIONS.get(b.guid, b.guid)} "
+                               "overlap", field="RegionTable.FileOffset")

@@ -20,8 +20,9 @@ import outcome
 import trio
 
 from ...errors import HostIOError
+from ..disk.steps import StepLock
 from ..image.host import HostIO
-from .writeback import WriteBack
+from .writeback import DEFAULT_LIMIT, WriteBack
 
 
 class IOPool:
@@ -33,7 +34,8 @@ class IOPool:
 
     def __init__(self, workers: int = 16) -> None:
         self.workers = workers
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.TrioToken,
+                                             trio.lowlevel.Task]] = queue.SimpleQueue()
         self._started = 0
         self._lock = threading.Lock()
 
@@ -70,10 +72,10 @@ IO_POOL = IOPool()
 class AsyncHost:
     """One HostIO as the async driver sees it: payload through the write-back queue, the rest in workers."""
 
-    def __init__(self, host: HostIO) -> None:
+    def __init__(self, host: HostIO, *, writeback_limit: int | None = None) -> None:
         self.host = host
         self.path = host.path
-        self.writeback = WriteBack(host.pwrite) if host.writable else None
+        self.writeback = WriteBack(host.pwrite, limit=writeback_limit or DEFAULT_LIMIT) if host.writable else None
 
     async def pread_into(self, offset: int, view: memoryview) -> None:
         """Read into ``view`` (after the queued writes to it): inline when the page cache has it, else in a
@@ -128,7 +130,8 @@ class AsyncHost:
             await self._in_order(self.host.truncate, size)
 
     async def punch_hole(self, offset: int, length: int) -> bool:
-        return await self._in_order(self.host.punch_hole, offset, length)
+        punched: bool = await self._in_order(self.host.punch_hole, offset, length)
+        return punched
 
     async def write_zeros(self, offset: int, length: int) -> None:
         await self._in_order(self.host.write_zeros, offset, length)
@@ -139,15 +142,20 @@ class AsyncHost:
         return await IO_POOL.run(fn, *args)
 
     @staticmethod
-    async def acquire(lock: trio.Lock) -> None:
+    async def acquire(lock: StepLock) -> None:
+        assert isinstance(lock, trio.Lock), "a lock of this driver (new_lock)"
         await lock.acquire()
 
     @staticmethod
-    def new_lock() -> trio.Lock:
+    def new_lock() -> StepLock:
         return trio.Lock()
+
+    def stop_writeback(self) -> None:
+        """Apply the queued writes and stop the writer thread (blocking; nothing is made durable)."""
+        if self.writeback is not None:
+            self.writeback.close()
 
     async def close(self) -> None:
         """Close the file once the queued writes are in it (not durable: flush first for that)."""
-        if self.writeback is not None:
-            self.writeback.close()
+        self.stop_writeback()
         self.host.close()

@@ -50,7 +50,8 @@ class WriteBack:
     def __init__(self, write: Callable[[int, memoryview], None], *, limit: int = DEFAULT_LIMIT) -> None:
         self._write = write
         self.limit = limit
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Writes (seq, offset, view), calls (seq, fn, args, box, report_errors), or _STOP.
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         # Each write gets a sequence number. The trio thread alone writes _issued*, the writer thread
@@ -118,7 +119,7 @@ class WriteBack:
         self._enqueue_started()
         self._issued += 1
         seq = self._issued
-        box: list = []
+        box: list[Any] = []
         self._queue.put((seq, fn, args, box, report_errors))
         await self._wait_for(seq)
         result, error = box
@@ -199,6 +200,7 @@ class WriteBack:
             self._done = seq
             if seq >= self._wake_at and not self._wake_scheduled:
                 self._wake_scheduled = True
+                assert self._token is not None, "set by the first enqueue"
                 try:
                     self._token.run_sync_soon(self._wake)
                 except trio.RunFinishedError:

@@ -1,17 +1,19 @@
-"""Steps: how one implementation of the engine serves both a synchronous caller and the trio daemon.
+"""Steps: how the core's work that needs I/O is written once for a synchronous caller and the trio daemon.
 
-Every engine operation that needs I/O (read, write, discard, flush, close, translation when a sector
-bitmap must be loaded) is written once, as a generator, a *step*. Where it needs the host it yields an
-operation ``(function, *args)`` taken from its ``StepIO`` and receives the function's result back;
-an error is thrown back into the step at the same place, so its ``finally`` clauses release locks.
+The core's contract with the drivers is resolve + guard (core.py): plans, whose bytes the drivers move
+themselves. What a plan cannot be made without (a sector bitmap loaded, a block allocated, a new
+DataWriteGuid), and write-zeroes, extents, flush and close, are written once each as a generator, a
+*step*. Where it needs the host it yields an operation ``(function, *args)`` taken from its ``StepIO``
+and receives the function's result back; an error is thrown back into the step at the same place, so
+its ``finally`` clauses release locks.
 
 Two drivers run steps:
 
 - ``run_sync`` (here): calls each function directly. With ``SyncIO`` the functions are the HostIO's own
-  methods: the offline tools and the Python library, no trio imported.
-- the async driver (aio/steps.py): awaits each function. With ``AsyncHost`` payload reads go inline when
-  the page cache has them or to a worker thread, payload writes go through the write-back queue, and
-  blocking structure I/O (``call``) runs in a worker thread: the trio loop never waits on a disk.
+  methods: the offline tools and the Python library (sync.py), no trio imported.
+- ``drive`` (aio/asyncdisk.py): awaits each function. With ``AsyncHost`` (aio/asynchost.py) hole
+  punching, zeroing and fdatasync go through the write-back queue in order, and blocking structure I/O
+  (``call``) runs in a worker thread: the trio loop never waits on a disk.
 
 ``StepIO`` makes explicit which path each kind of I/O takes: payload through pread_into / pwrite /
 write_zeros / punch_hole / truncate / fdatasync, structures (headers, log, sector bitmaps) through ``call``.
@@ -20,12 +22,15 @@ write_zeros / punch_hole / truncate / fdatasync, structures (headers, log, secto
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..image.host import HostIO
 
-# A step: yields (function, *args) operations, is sent their results, returns the operation's result.
-Step = Generator[tuple, Any, Any]
+T = TypeVar("T")
+# An operation: (function, *args), taken from the step's StepIO.
+Op = tuple[Any, ...]
+# A step: yields operations, is sent their results, returns a T.
+Step = Generator[Op, Any, T]
 
 
 class StepLock(Protocol):
@@ -33,23 +38,20 @@ class StepLock(Protocol):
 
 
 class StepIO(Protocol):
-    """The host operations a step may yield, bound to one image file."""
+    """The host operations a step may yield, bound to one image file. The synchronous driver's return
+    their results, the async driver's return awaitables of them: a step never sees the difference."""
 
-    host: HostIO
-
-    def pread_into(self, offset: int, view: memoryview) -> Any: ...
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> Any: ...
     def write_zeros(self, offset: int, length: int) -> Any: ...
     def punch_hole(self, offset: int, length: int) -> Any: ...
     def truncate(self, size: int) -> Any: ...
     def fdatasync(self) -> Any: ...
-    def call(self, fn: Callable, *args: Any) -> Any: ...
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
     def acquire(self, lock: StepLock) -> Any: ...
     def new_lock(self) -> StepLock: ...
     def close(self) -> Any: ...
 
 
-def run_sync(step: Step) -> Any:
+def run_sync(step: Step[T]) -> T:
     """Drive ``step`` to its end in this thread; each yielded operation is called directly."""
     try:
         op = step.send(None)
@@ -61,7 +63,8 @@ def run_sync(step: Step) -> Any:
             else:
                 op = step.send(result)
     except StopIteration as stop:
-        return stop.value
+        value: T = stop.value
+        return value
 
 
 class _NoLock:
@@ -76,15 +79,13 @@ class SyncIO:
 
     def __init__(self, host: HostIO) -> None:
         self.host = host
-        self.pread_into = host.pread_into
-        self.pwrite = host.pwrite
         self.write_zeros = host.write_zeros
         self.punch_hole = host.punch_hole
         self.truncate = host.truncate
         self.fdatasync = host.fdatasync
 
     @staticmethod
-    def call(fn: Callable, *args: Any) -> Any:
+    def call(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
     @staticmethod

@@ -1,27 +1,22 @@
-"""Translation: a virtual byte range of one image becomes typed runs, read from the BAT and sector bitmaps.
+"""Translation: a virtual byte range of one image becomes typed runs (runs.py), read from the BAT and the
+sector bitmaps.
 
-A run says where its bytes come from in this layer of a chain:
-
-- ``DATA``: the file holds them at ``file_offset`` (FULLY_PRESENT blocks, present sectors of a
-  PARTIALLY_PRESENT block);
-- ``ZERO``: zeros by the block's state (ZERO, UNMAPPED, UNDEFINED; a discarded block);
-- ``HOLE``: unallocated (NOT_PRESENT) in an image without a parent, which reads as zeros;
-- ``PARENT``: the parent's bytes (NOT_PRESENT blocks and absent sectors of a differencing image).
-
-Translation is a step (steps.py): it yields only to load a sector bitmap it has not seen yet.
+Translation never waits: it is plain computation on the in-memory BAT and the sector bitmaps loaded so
+far. Where it meets a PARTIALLY_PRESENT block whose chunk's bitmap is not in memory yet it stops and says
+which chunk it needs (``NeedBitmap``); the caller loads it (``load_bitmap``, a step: structure I/O) and
+asks again. Bitmaps, once loaded, stay for the life of the open, so the second answer is the whole one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from enum import IntEnum
-from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
-from ...format.bat import PayloadState
+from ...format.bat import Geometry, PayloadState
 from ...format.constants import SECTOR_BITMAP_BLOCK_SIZE
 from ..image.bitmaps import SectorBitmaps, bit_runs
 from ..image.block_table import BlockAllocationTable
+from .runs import Kind, Run, add_run, blocks
 from .steps import Step, StepIO
 
 _PRESENT = int(PayloadState.FULLY_PRESENT)
@@ -29,56 +24,10 @@ _PARTIAL = int(PayloadState.PARTIALLY_PRESENT)
 _NOT_PRESENT = int(PayloadState.NOT_PRESENT)
 
 
-class Kind(IntEnum):
-    DATA = 0
-    ZERO = 1
-    HOLE = 2
-    PARENT = 3
+class NeedBitmap(NamedTuple):
+    """Translation stopped: the sector bitmap of ``chunk`` must be loaded first."""
 
-
-class Run(NamedTuple):
-    """``length`` bytes at virtual ``offset``: of ``kind``, at ``file_offset`` for DATA (else -1)."""
-
-    offset: int
-    length: int
-    kind: Kind
-    file_offset: int = -1
-
-
-class Extent(NamedTuple):
-    """A range of the virtual disk as a whole chain shows it: DATA, ZERO or HOLE, and which layer answered.
-
-    ``layer`` is the file that holds the extent (for a HOLE: the base image, where nothing holds it),
-    ``depth`` its place in the chain (0: the image itself, 1: its parent...), ``file_offset`` where DATA
-    lies in that file (-1 otherwise).
-    """
-
-    offset: int
-    length: int
-    kind: Kind
-    layer: Path
-    depth: int
-    file_offset: int = -1
-
-
-def blocks(offset: int, length: int, block_size: int) -> Iterator[tuple[int, int, int, int]]:
-    """(block, offset within it, virtual offset, length) of each block piece of [offset, offset+length)."""
-    end = offset + length
-    while offset < end:
-        block, within = divmod(offset, block_size)
-        n = min(block_size - within, end - offset)
-        yield block, within, offset, n
-        offset += n
-
-
-def add_run(runs: list[Run], offset: int, n: int, kind: Kind, file_offset: int = -1) -> None:
-    """Append a run, merged with the last one when it continues it (same kind, contiguous in the file)."""
-    if runs:
-        last = runs[-1]
-        if last.kind == kind and (kind != Kind.DATA or last.file_offset + last.length == file_offset):
-            runs[-1] = last._replace(length=last.length + n)
-            return
-    runs.append(Run(offset, n, kind, file_offset))
+    chunk: int
 
 
 class Translator:
@@ -89,43 +38,46 @@ class Translator:
         self.geometry = bat.geometry
         self.bitmaps = bitmaps
         self.has_parent = has_parent
-        self.io: StepIO  # set by DiskCore.attach
 
-    def bitmap(self, chunk: int) -> Step:
-        """The sector bitmap block of ``chunk`` (loaded from the file on first use)."""
-        bits = self.bitmaps.blocks.get(chunk)
-        if bits is None:
-            state, file_offset = self.bat.bitmap(chunk)
-            bits = yield (self.io.call, self.bitmaps.load, chunk, state, file_offset)
-        return bits
-
-    def translate(self, offset: int, length: int) -> Step:
-        """Runs covering [offset, offset+length), coalesced."""
+    def translate(self, offset: int, length: int, runs: list[Run], *, depth: int = 0,
+                  used: list[int] | None = None) -> NeedBitmap | None:
+        """Append the runs covering [offset, offset+length) to ``runs`` (coalesced, of layer ``depth``) and the
+        file offset of every block they read from to ``used``; or stop at the first bitmap not loaded."""
         bs = self.geometry.block_size
-        runs: list[Run] = []
         zero_kind = Kind.PARENT if self.has_parent else Kind.HOLE
         for block, within, pos, n in blocks(offset, length, bs):
             state, file_offset = self.bat.payload(block)
             if state == _PRESENT:
-                add_run(runs, pos, n, Kind.DATA, file_offset + within)
+                add_run(runs, pos, n, Kind.DATA, file_offset + within, depth)
             elif state == _PARTIAL:
-                for voff, m, present in (yield from self.sector_runs(pos, n)):
+                pieces = self.sector_runs(pos, n)
+                if isinstance(pieces, NeedBitmap):
+                    return pieces
+                for voff, m, present in pieces:
                     if present:
-                        add_run(runs, voff, m, Kind.DATA, file_offset + voff - block * bs)
+                        add_run(runs, voff, m, Kind.DATA, file_offset + voff - block * bs, depth)
                     else:
-                        add_run(runs, voff, m, Kind.PARENT)
+                        add_run(runs, voff, m, Kind.PARENT, -1, depth)
             elif state == _NOT_PRESENT:
-                add_run(runs, pos, n, zero_kind)
+                add_run(runs, pos, n, zero_kind, -1, depth)
+                continue
             else:
-                add_run(runs, pos, n, Kind.ZERO)
-        return runs
+                add_run(runs, pos, n, Kind.ZERO, -1, depth)
+                continue
+            if used is not None:
+                used.append(file_offset)
+        return None
 
-    def sector_runs(self, offset: int, n: int) -> Step:
+    def sector_runs(self, offset: int, n: int) -> list[tuple[int, int, bool]] | NeedBitmap:
         """(virtual offset, length, present here) for [offset, offset+n) inside one PARTIALLY_PRESENT block."""
+        bitmaps = self.bitmaps
+        assert bitmaps is not None, "a PARTIALLY_PRESENT block in an image without sector bitmaps"
         lss = self.geometry.logical_sector_size
         first_sector, last_sector = offset // lss, (offset + n - 1) // lss
-        chunk, bit = self.bitmaps.sector_position(first_sector)
-        bits = yield from self.bitmap(chunk)
+        chunk, bit = bitmaps.sector_position(first_sector)
+        bits = bitmaps.blocks.get(chunk)
+        if bits is None:
+            return NeedBitmap(chunk)
         out = []
         for start, count, present in bit_runs(bits, bit, last_sector - first_sector + 1):
             lo = max(offset, (first_sector + start - bit) * lss)
@@ -133,7 +85,29 @@ class Translator:
             out.append((lo, hi - lo, present))
         return out
 
+    def loaded(self, chunk: int) -> bool:
+        return self.bitmaps is None or chunk in self.bitmaps.blocks
 
-def new_bitmaps(geometry, read_meta) -> SectorBitmaps:
+    def load_bitmap(self, io: StepIO, chunk: int) -> Step[bytearray]:
+        """Load the sector bitmap of ``chunk`` (structure I/O, through ``io.call``); its bits."""
+        bitmaps = self.bitmaps
+        assert bitmaps is not None
+        bits = bitmaps.blocks.get(chunk)
+        if bits is None:
+            state, file_offset = self.bat.bitmap(chunk)
+            bits = yield (io.call, bitmaps.load, chunk, state, file_offset)
+        return bits
+
+    def translate_loading(self, io: StepIO, offset: int, length: int) -> Step[list[Run]]:
+        """The runs of [offset, offset+length), loading the bitmaps they need first (for offline use)."""
+        while True:
+            runs: list[Run] = []
+            need = self.translate(offset, length, runs)
+            if need is None:
+                return runs
+            yield from self.load_bitmap(io, need.chunk)
+
+
+def new_bitmaps(geometry: Geometry, read_meta: Callable[[int, int], bytes]) -> SectorBitmaps:
     """Sector bitmaps of a differencing image, read through ``read_meta`` (which applies a replayed log)."""
     return SectorBitmaps(geometry, lambda off: read_meta(off, SECTOR_BITMAP_BLOCK_SIZE))

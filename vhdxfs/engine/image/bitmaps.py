@@ -6,6 +6,8 @@ Bitmap blocks (1 MiB, one per chunk) are loaded on first use and kept in memory;
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ...format.bat import BitmapState, Geometry
 from ...format.constants import LOG_SECTOR_SIZE, SECTOR_BITMAP_BLOCK_SIZE
 from .dirty import DirtySet
@@ -58,12 +60,12 @@ def all_set(bits: bytes | bytearray, first: int, count: int) -> bool:
 class SectorBitmaps:
     """In-memory sector bitmap blocks of one differencing image, keyed by chunk."""
 
-    def __init__(self, geometry: Geometry, read_block) -> None:
+    def __init__(self, geometry: Geometry, read_block: Callable[[int], bytes]) -> None:
         self.geometry = geometry
         self._read_block = read_block  # (file offset) -> 1 MiB of bytes
         self.blocks: dict[int, bytearray] = {}
         self.offsets: dict[int, int] = {}
-        self.dirty = DirtySet()  # (chunk, page)
+        self.dirty: DirtySet[tuple[int, int]] = DirtySet()  # (chunk, page)
 
     def load(self, chunk: int, state: int, file_offset: int) -> bytearray:
         """The chunk's bitmap, read on first use. Loads may run at once (in worker threads, for a read and a

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Iterator
 
 from ...format.bat import (
     OFFSET_SHIFT,
@@ -41,7 +42,7 @@ class BlockAllocationTable:
         self.entries.frombytes(raw[:count * 8])
         if sys.byteorder != "little":
             self.entries.byteswap()
-        self.dirty = DirtySet()  # page numbers
+        self.dirty: DirtySet[int] = DirtySet()  # page numbers
 
     # -- lookups ------------------------------------------------------------------------------------------
     def payload(self, block: int) -> tuple[int, int]:
@@ -85,7 +86,7 @@ class BlockAllocationTable:
         return self.pages_for(self.dirty.take())
 
     # -- iteration and validation -------------------------------------------------------------------------
-    def notable(self):
+    def notable(self) -> Iterator[tuple[int, int]]:
         """(index, entry) for every entry that holds file space or could be invalid.
 
         Bare payload states 0-3 with no offset (what most of a large sparse BAT holds, zero or not: QEMU

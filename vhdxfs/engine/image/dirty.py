@@ -8,16 +8,18 @@ one instant (the pages then describe exactly the writes made before that instant
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-class DirtySet:
-    """Keys of changed pages."""
+class DirtySet(Generic[K]):
+    """Keys of changed pages (page numbers of the BAT, (chunk, page) of the sector bitmaps)."""
 
     def __init__(self) -> None:
-        self._keys: set = set()
+        self._keys: set[K] = set()
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: K) -> None:
         self._keys.add(key)
 
     def __bool__(self) -> bool:
@@ -26,21 +28,22 @@ class DirtySet:
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
-    def take(self) -> set:
+    def take(self) -> set[K]:
         """Hand every key over and start empty."""
         keys, self._keys = self._keys, set()
         return keys
 
-    def restore(self, keys: Iterable) -> None:
+    def restore(self, keys: Iterable[K]) -> None:
         self._keys.update(keys)
 
 
 class PageSource(Protocol):
     """Something whose changed pages are journaled: the BAT, the sector bitmaps."""
 
-    dirty: DirtySet
+    @property
+    def dirty(self) -> DirtySet[Any]: ...
 
-    def pages_for(self, keys: set) -> dict[int, bytes]: ...
+    def pages_for(self, keys: set[Any], /) -> dict[int, bytes]: ...
 
 
 class PageBatch:

@@ -66,7 +66,8 @@ class HeaderState:
     def update(self, **changes: object) -> None:
         """Write the next header with ``changes`` into both slots, one after the other, each made durable."""
         if not self.writable:
-            raise VhdxError("internal: header update on a read-only open", path=self._host.path)
+            raise VhdxError("internal: header update on a read-only open", path=self._host.path,
+                            reason=Reason.INTERNAL)
         with self._lock:
             self._update(changes)
 
@@ -96,8 +97,10 @@ class HeaderState:
         if self._data_writes:
             return
         with self._lock:
-            if self._data_writes:
-                return
+            self._begin_data_writes_locked()
+
+    def _begin_data_writes_locked(self) -> None:
+        if not self._data_writes:  # another thread may have begun them while this one waited for the lock
             chosen = self._chosen_data_write_guid
             if chosen is None:
                 self._update({"data_write_guid": guids.new_guid()})

@@ -25,6 +25,7 @@ import fcntl
 import functools
 import os
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -37,13 +38,14 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 @functools.cache
-def _fallocate():
+def _fallocate() -> Callable[[int, int, int, int], int]:
     """libc's fallocate(2) (Python has no os.fallocate with mode flags); looked up on first use."""
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return libc.fallocate
+    fallocate: Callable[[int, int, int, int], int] = libc.fallocate
+    return fallocate
 
 
 class HostIO(Protocol):
@@ -69,11 +71,32 @@ class HostIO(Protocol):
 HostFactory = Callable[..., HostIO]
 
 
-class FileBase:
-    """What every HostIO derives from its primitives (pread_into, pwrite, punch_hole)."""
+class FileBase(ABC):
+    """What every HostIO derives from its primitives (the abstract methods)."""
 
     path: Path
     writable: bool
+
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def pread_into(self, offset: int, view: memoryview) -> None: ...
+
+    @abstractmethod
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    @abstractmethod
+    def fdatasync(self) -> None: ...
+
+    @abstractmethod
+    def truncate(self, size: int) -> None: ...
+
+    @abstractmethod
+    def punch_hole(self, offset: int, length: int) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes; what lies past the end of the file reads as zeros."""
@@ -105,7 +128,7 @@ class FileBase:
 class PosixFile(FileBase):
     """An image file on the host, opened read-only or read-write, with the matching lock held."""
 
-    def __init__(self, path: str | os.PathLike, *, writable: bool, lock: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool, lock: bool = True) -> None:
         self.path = Path(path)
         self.writable = writable
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
@@ -214,7 +237,7 @@ class PosixFile(FileBase):
 class MemoryFile(FileBase):
     """An image held in memory: for tests and fuzzing, where no OS file or lock is wanted."""
 
-    def __init__(self, data: bytes | bytearray = b"", *, path: str | os.PathLike = "<memory>",
+    def __init__(self, data: bytes | bytearray = b"", *, path: str | os.PathLike[str] = "<memory>",
                  writable: bool = True) -> None:
         self.path = Path(path)
         self.writable = writable

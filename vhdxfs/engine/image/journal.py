@@ -126,7 +126,8 @@ class LogWriter:
         sectors = self.max_entry // LOG_SECTOR_SIZE
         pages = sectors - logfmt.descriptor_sectors(sectors)
         if pages < 1:
-            raise VhdxError("log is too small to hold one update", path=self.host.path, field="Header.LogLength")
+            raise VhdxError("log is too small to hold one update", path=self.host.path, field="Header.LogLength",
+                            reason=Reason.NO_ROOM)
         return pages
 
     def commit(self, pages: dict[int, bytes], file_size: int) -> None:

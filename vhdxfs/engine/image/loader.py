@@ -11,11 +11,14 @@ nothing, not even on a writable host: its log is replayed in memory until ``appl
 
 from __future__ import annotations
 
+import os
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
+from enum import Enum
 
 from ...errors import CorruptImageError, Reason, UnsupportedError, VhdxError
 from ...format import guids
+from ...format import log as logfmt
 from ...format import metadata as mdfmt
 from ...format.bat import Geometry
 from ...format.constants import (
@@ -35,6 +38,26 @@ from .host import HostFactory, HostIO, PosixFile
 from .spacemap import SpaceMap, Span
 
 
+class Finding(Enum):
+    """What a lenient open got past (or a strict one tolerated) that check reports and repair mends."""
+
+    HEADER_DAMAGED = "header-damaged"  # bad signature or checksum; the other header is in use
+    HEADER_UNUSABLE = "header-unusable"  # checksum holds, but its log lies outside the file or is misaligned
+    HEADERS_DIFFER = "headers-differ"  # both valid, same sequence number, different contents
+    REGION_TABLE_DAMAGED = "region-table-damaged"
+    REGION_TABLE_INVALID = "region-table-invalid"  # checksum holds, contents do not validate
+    REGION_TABLES_DIFFER = "region-tables-differ"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finding, with the copy it is about (0 or 1; None for both) and the sentence a report prints."""
+
+    finding: Finding
+    copy: int | None
+    message: str
+
+
 class VhdxFile:
     """The parsed structures of one image file and the host file they came from."""
 
@@ -44,7 +67,7 @@ class VhdxFile:
         self.read_only = read_only
         self.lenient = lenient
         self.overlay: journal.Overlay | None = None
-        self.log_entries: list = []
+        self.log_entries: list[logfmt.LogEntry] = []
         self.replayed_entries = 0
         self.headers: HeaderState
         self.regions: RegionTable
@@ -53,12 +76,12 @@ class VhdxFile:
         self.geometry: Geometry
         self.bat: BlockAllocationTable
         self.creator = ""
-        self.observations: list[tuple[str, str]] = []  # (what: header|region-table, message), non-fatal
+        self.observations: list[Observation] = []  # what was got past: non-fatal
         self.bad_entries: dict[int, str] = {}  # lenient opens: BAT index -> what is wrong with it
 
     # -- opening ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, read_only: bool = False, lenient: bool = False,
+    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, lenient: bool = False,
              host_factory: HostFactory = PosixFile, data_write_guid: uuid.UUID | None = None) -> VhdxFile:
         """Open and validate ``path``; ``data_write_guid``: the DataWriteGuid the first write sets (commit)."""
         host = host_factory(path, writable=not read_only)
@@ -105,12 +128,14 @@ class VhdxFile:
             valid = [(i, h) for i, h in enumerate(decoded) if h is not None]
         for i, h in enumerate(decoded):
             if h is None and valid:
-                self.observations.append(("header", f"header {i + 1} is damaged; the other one is in use"))
-        if len(valid) == 2 and decoded[0].sequence_number == decoded[1].sequence_number \
-                and decoded[0] != decoded[1]:
+                self.observations.append(Observation(Finding.HEADER_DAMAGED, i,
+                                                     f"header {i + 1} is damaged; the other one is in use"))
+        if len(valid) == 2 and valid[0][1].sequence_number == valid[1][1].sequence_number \
+                and valid[0][1] != valid[1][1]:
             if not self.lenient:
                 current_header(*raw)  # raises: which header is current cannot be told
-            self.observations.append(("header", "the headers differ at the same sequence number"))
+            self.observations.append(Observation(Finding.HEADERS_DIFFER, None,
+                                                 "the headers differ at the same sequence number"))
         if not self.lenient or not valid:
             return current_header(*raw)
         return max(valid, key=lambda item: (item[1].sequence_number, -item[0]))
@@ -122,6 +147,8 @@ class VhdxFile:
         dropped: falling back past it could turn a newer image into an older one."""
         reasons: dict[int, str] = {}
         for i, header in enumerate(decoded):
+            if header is None:
+                continue
             try:
                 header.validate(size)
             except CorruptImageError as exc:
@@ -131,7 +158,7 @@ class VhdxFile:
         if len(reasons) != 1:
             return decoded
         (bad, reason), = reasons.items()
-        self.observations.append(("header", f"header {bad + 1} is unusable ({reason})"))
+        self.observations.append(Observation(Finding.HEADER_UNUSABLE, bad, f"header {bad + 1} is unusable ({reason})"))
         return [None if i == bad else h for i, h in enumerate(decoded)]
 
     def apply_log(self) -> None:
@@ -147,9 +174,11 @@ class VhdxFile:
         tables = [RegionTable.decode(self.read_meta(off, REGION_TABLE_SIZE)) for off in REGION_TABLE_OFFSETS]
         for i, table in enumerate(tables):
             if table is None:
-                self.observations.append(("region-table", f"region table copy {i + 1} is damaged"))
+                self.observations.append(Observation(Finding.REGION_TABLE_DAMAGED, i,
+                                                     f"region table copy {i + 1} is damaged"))
         if all(tables) and tables[0] != tables[1]:
-            self.observations.append(("region-table", "the two region table copies differ"))
+            self.observations.append(Observation(Finding.REGION_TABLES_DIFFER, None,
+                                                 "the two region table copies differ"))
         reasons = []
         for i, table in enumerate(tables):
             if table is None:
@@ -160,7 +189,7 @@ class VhdxFile:
                 if not self.lenient:
                     raise
                 reasons.append(f"region table copy {i + 1}: {exc}")
-                self.observations.append(("region-table", reasons[-1]))
+                self.observations.append(Observation(Finding.REGION_TABLE_INVALID, i, reasons[-1]))
                 continue
             self.region_table_copy = i
             return table
@@ -179,12 +208,12 @@ class VhdxFile:
                 raise CorruptImageError("a region overlaps the log", field="RegionTable.FileOffset",
                                         reason=Reason.CORRUPT_REGION_TABLE)
         self.regions = regions
-        meta_region = regions.find(guids.METADATA_REGION)
+        meta_region = regions.region(guids.METADATA_REGION)
         table = mdfmt.decode_table(self.read_meta(meta_region.file_offset, METADATA_TABLE_SIZE), meta_region.length)
         self.metadata = mdfmt.decode_items(table, lambda off, n: self.read_meta(meta_region.file_offset + off, n))
         m = self.metadata
         self.geometry = Geometry(m.virtual_size, m.block_size, m.logical_sector_size, m.has_parent)
-        bat_region = regions.find(guids.BAT_REGION)
+        bat_region = regions.region(guids.BAT_REGION)
         if bat_region.length < self.geometry.bat_bytes:
             raise CorruptImageError(f"BAT region of {bat_region.length} bytes cannot hold "
                                     f"{self.geometry.total_entries} entries", field="RegionTable.Length",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable
+from types import TracebackType
 
 from ...errors import CorruptImageError, Reason, VhdxError
 from ...format import guids
@@ -81,7 +82,8 @@ class LoggedUpdate:
 
     def __init__(self, image: VhdxFile, *, new_data_write_guid: bool = False) -> None:
         if image.read_only:
-            raise VhdxError("internal: a logged update needs a writable open", path=image.path)
+            raise VhdxError("internal: a logged update needs a writable open", path=image.path,
+                            reason=Reason.INTERNAL)
         self.image = image
         self.new_data_write_guid = new_data_write_guid
         self.writer = LogWriter(image.host, image.headers)
@@ -94,7 +96,8 @@ class LoggedUpdate:
         self.image.headers.open_log()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.image.host.fdatasync()
             self.image.headers.close_log()
@@ -127,12 +130,12 @@ class LoggedUpdate:
 def check_fits(image: VhdxFile, pages: int, max_pages: int) -> None:
     if pages > max_pages:
         raise VhdxError(f"the change needs {pages} log pages at once but one log entry holds {max_pages}",
-                        path=image.path, field="Header.LogLength")
+                        path=image.path, field="Header.LogLength", reason=Reason.NO_ROOM)
 
 
 # -- metadata items -----------------------------------------------------------------------------------------
 def _metadata_table(image: VhdxFile) -> tuple[int, int, list[mdfmt.MetadataEntry]]:
-    region = image.regions.find(guids.METADATA_REGION)
+    region = image.regions.region(guids.METADATA_REGION)
     table = mdfmt.decode_table(image.read_meta(region.file_offset, METADATA_TABLE_SIZE), region.length)
     return region.file_offset, region.length, table
 
@@ -155,10 +158,11 @@ def replace_item(image: VhdxFile, edits: PageEdits, item_id: uuid.UUID, data: by
         # Clear the bytes the item no longer uses, so nothing stale trails it.
         edits.patch(region_offset + at, data + bytes(entry.length - len(data)))
     else:
-        at = _free_gap(table, index, len(data), region_length)
-        if at is None:
+        gap = _free_gap(table, index, len(data), region_length)
+        if gap is None:
             raise VhdxError(f"no room for {len(data)} bytes of metadata item {item_id} in the metadata region",
-                            path=image.path, field="MetadataTable")
+                            path=image.path, field="MetadataTable", reason=Reason.NO_ROOM)
+        at = gap
         edits.patch(region_offset + at, data)
     edits.patch(region_offset + _TABLE_HEADER_SIZE + index * _ENTRY_SIZE + 16,
                 _ENTRY_OFFSET_LENGTH.pack(at, len(data)))

@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ...errors import ParentError
+from ...errors import ParentError, Reason
 from ...format.guids import parse_braced
 from ...format.metadata import Metadata
 
@@ -44,7 +44,7 @@ def candidates(child: Path, meta: Metadata) -> list[Path]:
     return out
 
 
-def find_parent(child: Path, meta: Metadata, override: str | os.PathLike | None = None) -> Path:
+def find_parent(child: Path, meta: Metadata, override: str | os.PathLike[str] | None = None) -> Path:
     if override is not None:
         path = Path(override)
         if not path.exists():
@@ -67,7 +67,8 @@ def linkage_guids(meta: Metadata) -> list[uuid.UUID]:
             try:
                 out.append(parse_braced(entries[key]))
             except ValueError:
-                raise ParentError(f"{key} {entries[key]!r} is not a GUID", field="ParentLocator") from None
+                raise ParentError(f"{key} {entries[key]!r} is not a GUID", field="ParentLocator",
+                                  reason=Reason.CORRUPT_METADATA) from None
     return out
 
 
@@ -78,10 +79,12 @@ def check_parent(child: Path, child_meta: Metadata, parent: Path, parent_meta: M
         want = " or ".join("{" + str(g) + "}" for g in expected)
         raise ParentError(f"parent {parent} has DataWriteGuid {{{parent_data_write_guid}}} but the child was made "
                           f"from {want}: the parent changed after the child was created", path=child,
-                          field="ParentLocator.parent_linkage")
+                          field="ParentLocator.parent_linkage", reason=Reason.PARENT_MISMATCH)
     if parent_meta.virtual_size != child_meta.virtual_size:
         raise ParentError(f"parent {parent} is {parent_meta.virtual_size} bytes, the child "
-                          f"{child_meta.virtual_size}", path=child, field="VirtualDiskSize")
+                          f"{child_meta.virtual_size}", path=child, field="VirtualDiskSize",
+                          reason=Reason.PARENT_MISMATCH)
     if parent_meta.logical_sector_size != child_meta.logical_sector_size:
         raise ParentError(f"parent {parent} has {parent_meta.logical_sector_size}-byte sectors, the child "
-                          f"{child_meta.logical_sector_size}", path=child, field="LogicalSectorSize")
+                          f"{child_meta.logical_sector_size}", path=child, field="LogicalSectorSize",
+                          reason=Reason.PARENT_MISMATCH)

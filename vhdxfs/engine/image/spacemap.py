@@ -15,13 +15,13 @@ from ...format.constants import HEADER_SECTION_SIZE, MiB
 
 
 class Span(NamedTuple):
-    """``length`` bytes at ``offset``: a structure (index None, with its name) or the block of BAT entry index.
+    """``length`` bytes at ``offset``: a structure (entry None, with its name) or the block of BAT entry ``entry``.
 
     A tuple, not a dataclass: a large image has millions of blocks, and each open maps them all."""
 
     offset: int
     length: int
-    index: int | None = None
+    entry: int | None = None
     name: str = ""
 
     @property
@@ -47,18 +47,19 @@ class SpaceMap:
         bad: dict[int, str] = {}
         owner_end, owner = HEADER_SECTION_SIZE, None
         for span in self.blocks:
+            assert span.entry is not None, "blocks are BAT entries"
             if span.offset < HEADER_SECTION_SIZE or span.end > self.file_size:
-                bad[span.index] = f"pointed at {span.offset}+{span.length}, outside the file ({self.file_size} bytes)"
+                bad[span.entry] = f"pointed at {span.offset}+{span.length}, outside the file ({self.file_size} bytes)"
                 continue
             hit = next((s.name for s in self.structures if span.offset < s.end and s.offset < span.end), None)
             if hit is not None:
-                bad[span.index] = f"pointed at {span.offset}, inside the {hit}"
+                bad[span.entry] = f"pointed at {span.offset}, inside the {hit}"
                 continue
             if owner is not None and span.offset < owner_end:
-                bad[span.index] = f"pointed at {span.offset}, overlapping the block of BAT entry {owner}"
-                bad.setdefault(owner, f"overlapped the block of BAT entry {span.index}")
+                bad[span.entry] = f"pointed at {span.offset}, overlapping the block of BAT entry {owner}"
+                bad.setdefault(owner, f"overlapped the block of BAT entry {span.entry}")
             if span.end > owner_end or owner is None:
-                owner_end, owner = span.end, span.index
+                owner_end, owner = span.end, span.entry
         return bad
 
     def items(self) -> list[Span]:
@@ -87,15 +88,15 @@ class SpaceMap:
         moves = []
         while remaining:
             span = remaining[-1]
-            if span.index is None:
+            if span.entry is None:
                 break  # a structure that cannot move: nothing after it is left
             # First fit: every lower gap is too small for this block, so a moved block never moves twice.
             gap = next((g for g in gaps if g[1] - g[0] >= span.length and g[0] + span.length <= span.offset), None)
             if gap is None:
                 break
-            moves.append((span.index, span.offset, gap[0], span.length))
+            moves.append((span.entry, span.offset, gap[0], span.length))
             remaining.pop()
-            moved = Span(gap[0], span.length, span.index, span.name)
+            moved = Span(gap[0], span.length, span.entry, span.name)
             remaining.append(moved)
             remaining.sort(key=_place)
             gap[0] += span.length

@@ -20,21 +20,21 @@ from typing import Any
 from ...errors import CorruptImageError, VhdxError
 from ..disk.sync import Disk
 from ..image.host import HostFactory, PosixFile
-from ..image.loader import VhdxFile
+from ..image.loader import Finding, VhdxFile
 from .repair import repair_image
 
-# Observations of the loader that make an image inconsistent; the rest are warnings.
-_ERROR_OBSERVATIONS = {"the two region table copies differ"}
+# Findings of the loader that make an image inconsistent; the rest are warnings.
+_ERRORS = {Finding.REGION_TABLES_DIFFER}
 
 
-def parent_chain(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+def parent_chain(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
                  host_factory: HostFactory = PosixFile) -> list[str]:
     """The parents of a differencing image, nearest first (opened read-only, never written)."""
     with Disk.open(path, read_only=True, parent=parent, host_factory=host_factory) as disk:
         return [str(p) for p in disk.chain()[1:]]
 
 
-def describe(path: str | os.PathLike, parent: str | os.PathLike | None = None) -> dict[str, Any]:
+def describe(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Facts about the image as a JSON-ready dict; a missing parent is reported, not raised."""
     image = VhdxFile.open(path, read_only=True)
     try:
@@ -76,7 +76,7 @@ def describe(path: str | os.PathLike, parent: str | os.PathLike | None = None) -
     return info
 
 
-def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+def check_image(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
                 host_factory: HostFactory = PosixFile) -> dict[str, Any]:
     """Report as a dict: status ('clean' | 'inconsistent'), errors, warnings, notes.
 
@@ -91,8 +91,8 @@ def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None
         report["status"] = "inconsistent"
         return report
     try:
-        for _what, message in image.observations:
-            report["errors" if message in _ERROR_OBSERVATIONS else "warnings"].append(message)
+        for seen in image.observations:
+            report["errors" if seen.finding in _ERRORS else "warnings"].append(seen.message)
         if not image.header.log_is_empty:
             report["notes"].append(f"the log is dirty: {image.replayed_entries} entries will be replayed on the "
                                    "next writable open (read-only opens replay in memory)")
@@ -109,7 +109,7 @@ def check_image(path: str | os.PathLike, parent: str | os.PathLike | None = None
     return report
 
 
-def check_and_repair(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+def check_and_repair(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
                      host_factory: HostFactory = PosixFile) -> dict[str, Any]:
     """Repair what can be repaired, then check the result; the report lists the repairs."""
     outcome = repair_image(Path(path), host_factory=host_factory)

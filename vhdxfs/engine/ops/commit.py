@@ -25,14 +25,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import ParentError, UsageError
+from ...errors import ParentError, Reason, UsageError
 from ...format import guids
 from ...format.constants import MiB
 from ...format.metadata import ParentLocator
-from ..disk.core import DiskCore
+from ..disk.chain import open_chain
+from ..disk.runs import Kind
 from ..disk.steps import SyncIO, run_sync
 from ..disk.sync import Disk
-from ..disk.translate import Kind, Translator, new_bitmaps
+from ..disk.translate import Translator, new_bitmaps
 from ..image.host import HostFactory, PosixFile
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate, PageEdits, check_fits, replace_item
@@ -53,6 +54,7 @@ class CommitResult:
 def store_linkage(child: VhdxFile, current: uuid.UUID, upcoming: uuid.UUID) -> None:
     """Rewrite the child's parent locator (one log entry) to accept the parent before and after the merge."""
     locator = child.metadata.parent_locator
+    assert locator is not None, "a differencing image has a parent locator (Metadata.validate)"
     entries = dict(locator.entries)
     entries["parent_linkage"] = guids.braced(current)
     entries["parent_linkage2"] = guids.braced(upcoming)
@@ -68,13 +70,14 @@ def store_linkage(child: VhdxFile, current: uuid.UUID, upcoming: uuid.UUID) -> N
 def _merge(child: VhdxFile, target: Disk, progress: Progress) -> tuple[int, int]:
     """Copy what the child holds into ``target``, one chunk (one sector bitmap block) of the disk at a time."""
     g = child.geometry
-    translator = Translator(child.bat, new_bitmaps(g, child.read_meta), has_parent=True)
-    translator.io = SyncIO(child.host)
+    bitmaps = new_bitmaps(g, child.read_meta)
+    translator = Translator(child.bat, bitmaps, has_parent=True)
+    io = SyncIO(child.host)
     copied = zeroed = 0
     with progress(g.virtual_size, f"committing {child.path.name}") as bar:
         for start in range(0, g.virtual_size, g.chunk_size):
             length = min(g.chunk_size, g.virtual_size - start)
-            for voff, n, kind, file_offset in run_sync(translator.translate(start, length)):
+            for voff, n, kind, file_offset, _depth in run_sync(translator.translate_loading(io, start, length)):
                 if kind == Kind.ZERO:
                     target.discard(voff, n)
                     zeroed += n
@@ -84,11 +87,11 @@ def _merge(child: VhdxFile, target: Disk, progress: Progress) -> tuple[int, int]
                         target.write(voff + pos, child.host.pread(file_offset + pos, m))
                         copied += m
                 bar.update(n)
-            translator.bitmaps.blocks.clear()  # each chunk's bitmap is read once: keep memory flat
+            bitmaps.blocks.clear()  # each chunk's bitmap is read once: keep memory flat
     return copied, zeroed
 
 
-def commit(child_path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+def commit(child_path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
            host_factory: HostFactory = PosixFile, progress: Progress = no_progress) -> CommitResult:
     """Merge the differencing image ``child_path`` into its parent (``parent`` overrides the locator)."""
     # Writable: the child is locked against other users for the whole merge.
@@ -99,7 +102,7 @@ def commit(child_path: str | os.PathLike, parent: str | os.PathLike | None = Non
                              field="FileParameters.HasParent")
         parent_path = find_parent(child.path, child.metadata, parent)
         upcoming = guids.new_guid()
-        core = DiskCore.open(parent_path, host_factory=host_factory, data_write_guid=upcoming)
+        core = open_chain(parent_path, host_factory=host_factory, data_write_guid=upcoming)
         target = Disk(core)
         try:
             before = core.image.header.data_write_guid
@@ -111,7 +114,8 @@ def commit(child_path: str | os.PathLike, parent: str | os.PathLike | None = Non
         after = core.image.header.data_write_guid
         if after != before and after != upcoming:
             raise ParentError(f"parent {parent_path} took DataWriteGuid {{{after}}}, not the {{{upcoming}}} stored "
-                              "in the child's parent_linkage2", path=child_path, field="ParentLocator")
+                              "in the child's parent_linkage2", path=child_path, field="ParentLocator",
+                              reason=Reason.PARENT_MISMATCH)
         return CommitResult(Path(parent_path), copied, zeroed, after)
     finally:
         child.close()

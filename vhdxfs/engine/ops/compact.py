@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ...format.bat import BitmapState, entry_state
 from ...format.constants import MiB
+from ..disk.runs import Kind
 from ..disk.sync import Disk
-from ..disk.translate import Kind
 from ..image.host import HostFactory, PosixFile
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate
@@ -39,7 +39,7 @@ class CompactResult:
     truncated: int  # bytes the file got shorter by
 
 
-def discard_zero_blocks(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+def discard_zero_blocks(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
                         host_factory: HostFactory = PosixFile, progress: Progress = no_progress) -> tuple[int, int]:
     """Pass 1: (blocks, bytes) of all-zero payload blocks made ZERO and punched."""
     freed = 0
@@ -63,7 +63,7 @@ def discard_zero_blocks(path: str | os.PathLike, parent: str | os.PathLike | Non
     return freed, freed * bs
 
 
-def move_tail_blocks(path: str | os.PathLike, host_factory: HostFactory = PosixFile, *,
+def move_tail_blocks(path: str | os.PathLike[str], host_factory: HostFactory = PosixFile, *,
                      progress: Progress = no_progress) -> tuple[int, int]:
     """Pass 2: (bytes moved, bytes truncated)."""
     image = VhdxFile.open(path, host_factory=host_factory)
@@ -97,7 +97,7 @@ def move_tail_blocks(path: str | os.PathLike, host_factory: HostFactory = PosixF
         image.close()
 
 
-def compact(path: str | os.PathLike, parent: str | os.PathLike | None = None, *,
+def compact(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
             host_factory: HostFactory = PosixFile, progress: Progress = no_progress) -> CompactResult:
     """Both passes, one after the other (the image must not be in use)."""
     blocks, punched = discard_zero_blocks(path, parent, host_factory=host_factory, progress=progress)

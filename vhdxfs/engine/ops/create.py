@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
-from ...errors import HostIOError, UsageError, VhdxError
+from ...errors import HostIOError, Reason, UsageError, VhdxError
 from ...format import guids
 from ...format.bat import Geometry, PayloadState, make_entry
 from ...format.constants import (
@@ -90,18 +90,20 @@ class ImageSpec:
         return self
 
 
-def create_image(path: str | os.PathLike, spec: ImageSpec) -> None:
+def create_image(path: str | os.PathLike[str], spec: ImageSpec) -> None:
     """Create ``path`` (which must not exist) as a valid empty image; remove it again on failure."""
     spec = spec.validated()
+    block_size = spec.block_size
+    assert block_size is not None, "validated() chose one"
     meta = Metadata(
-        block_size=spec.block_size, virtual_size=spec.virtual_size,
+        block_size=block_size, virtual_size=spec.virtual_size,
         logical_sector_size=spec.logical_sector_size, physical_sector_size=spec.physical_sector_size,
         virtual_disk_id=spec.virtual_disk_id or guids.new_guid(),
         leave_block_allocated=spec.disk_type == "fixed",
         has_parent=spec.disk_type == "differencing", parent_locator=spec.parent_locator,
     )
     meta.validate()
-    geometry = Geometry(spec.virtual_size, spec.block_size, spec.logical_sector_size, meta.has_parent)
+    geometry = Geometry(spec.virtual_size, block_size, spec.logical_sector_size, meta.has_parent)
     log_offset = HEADER_SECTION_SIZE
     meta_offset = log_offset + spec.log_size
     bat_offset = meta_offset + METADATA_REGION_LENGTH
@@ -114,7 +116,8 @@ def create_image(path: str | os.PathLike, spec: ImageSpec) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except FileExistsError:
-        raise VhdxError("already exists; remove it first or pick another name", path=path) from None
+        raise VhdxError("already exists; remove it first or pick another name", path=path,
+                        reason=Reason.EXISTS) from None
     except OSError as exc:
         raise HostIOError(exc.strerror or str(exc), path=path, errno=exc.errno) from None
     try:
@@ -171,7 +174,7 @@ def parent_locator_for(child: Path, parent: Path, data_write_guid: uuid.UUID) ->
     })
 
 
-def create_child(child: str | os.PathLike, parent: str | os.PathLike, *, block_size: int | None = None,
+def create_child(child: str | os.PathLike[str], parent: str | os.PathLike[str], *, block_size: int | None = None,
                  log_size: int = 1 * MiB) -> None:
     """Create ``child`` as a differencing image of ``parent``: its size, sector sizes and disk id."""
     child, parent = Path(child), Path(parent)

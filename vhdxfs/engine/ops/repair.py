@@ -32,37 +32,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ...errors import CorruptImageError, UnsupportedError, VhdxError
+from ...errors import CorruptImageError, Reason, UnsupportedError, VhdxError
 from ...format.bat import BitmapState, PayloadState
 from ...format.constants import REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, MiB
 from ..image.host import HostFactory, PosixFile
-from ..image.loader import VhdxFile
+from ..image.loader import Finding, VhdxFile
 from ..image.logged_update import LoggedUpdate, PageEdits
-
-# The loader's observations (image.py) that call for a repair.
-_HEADERS_DIFFER = ("header", "the headers differ at the same sequence number")
-_TABLES_DIFFER = ("region-table", "the two region table copies differ")
-
-
-def _header_damaged(copy: int) -> tuple[str, str]:
-    return "header", f"header {copy + 1} is damaged; the other one is in use"
-
-
-def _table_damaged(copy: int) -> tuple[str, str]:
-    return "region-table", f"region table copy {copy + 1} is damaged"
 
 
 def _unrepairable(exc: VhdxError) -> str:
-    """What the lenient open could not get past, said as the step that meets it."""
-    field = exc.field or ""
-    what = f"{field}: {exc.message}" if field else exc.message
-    if field == "FileTypeIdentifier":
+    """What the lenient open could not get past, said as the step that meets it (by the error's reason)."""
+    what = f"{exc.field}: {exc.message}" if exc.field else exc.message
+    if exc.reason is Reason.TRUNCATED:
         return "the file is smaller than the 1 MiB header section"
-    if field.startswith("Log"):
+    if exc.reason is Reason.CORRUPT_LOG:
         return f"the log cannot be replayed: {what}"
-    if field.startswith(("Metadata", "ParentLocator", "FileParameters", "VirtualDisk", "LogicalSector",
-                         "PhysicalSector")) or "metadata item" in exc.message:
+    if exc.reason is Reason.CORRUPT_METADATA:
         return f"the metadata region is damaged: {what}"
+    if exc.reason is Reason.UNSUPPORTED:
+        return f"the image uses what vhdxfs does not support: {what}"
     return exc.message
 
 
@@ -80,12 +68,15 @@ class Repairer:
         self.wrote = True
 
     # -- 1. headers ---------------------------------------------------------------------------------------
+    def _saw(self, finding: Finding, copy: int | None = None) -> bool:
+        return any(o.finding is finding and (copy is None or o.copy == copy) for o in self.image.observations)
+
     def headers(self) -> None:
-        observations, good = self.image.observations, self.image.headers.index
-        if _header_damaged(1 - good) in observations:
+        good = self.image.headers.index
+        if self._saw(Finding.HEADER_DAMAGED, 1 - good):
             self._begin_writing()
             self.repairs.append(f"header {2 - good} was damaged; rewrote both headers from header {good + 1}")
-        elif _HEADERS_DIFFER in observations:
+        elif self._saw(Finding.HEADERS_DIFFER):
             self._begin_writing()
             self.repairs.append("the headers differed at the same sequence number; rewrote both from header 1")
 
@@ -106,8 +97,8 @@ class Repairer:
     def region_tables(self) -> None:
         image, good = self.image, self.image.region_table_copy
         other = 1 - good
-        damaged = _table_damaged(other) in image.observations
-        if not damaged and _TABLES_DIFFER not in image.observations:
+        damaged = self._saw(Finding.REGION_TABLE_DAMAGED, other)
+        if not damaged and not self._saw(Finding.REGION_TABLES_DIFFER):
             return
         raw = image.read_meta(REGION_TABLE_OFFSETS[good], REGION_TABLE_SIZE)
         edits = PageEdits(image.read_meta)
@@ -155,7 +146,7 @@ class Repairer:
                 update.commit(pages, size)
 
 
-def repair_image(path: str | os.PathLike, *, host_factory: HostFactory = PosixFile) -> dict[str, Any]:
+def repair_image(path: str | os.PathLike[str], *, host_factory: HostFactory = PosixFile) -> dict[str, Any]:
     """Repair what can be repaired; return {'repairs': [...], 'unrepairable': str | None}.
 
     Raises VhdxError when the file cannot be worked on at all: not a VHDX file, in use, an I/O error.

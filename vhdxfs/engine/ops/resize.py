@@ -19,7 +19,7 @@ import sys
 from array import array
 from dataclasses import dataclass, replace
 
-from ...errors import UnsupportedError, UsageError, VhdxError
+from ...errors import Reason, UnsupportedError, UsageError, VhdxError
 from ...format import guids
 from ...format.bat import Geometry, PayloadState, make_entry
 from ...format.constants import MAX_VIRTUAL_SIZE, REGION_TABLE_OFFSETS, MiB
@@ -46,7 +46,7 @@ def _align(n: int) -> int:
     return -(-n // MiB) * MiB
 
 
-def resize(path: str | os.PathLike, new_size: int, *, shrink: bool = False,
+def resize(path: str | os.PathLike[str], new_size: int, *, shrink: bool = False,
            host_factory: HostFactory = PosixFile) -> ResizeResult:
     """Give ``path`` the virtual size ``new_size`` (bytes); below the current size only with ``shrink``.
 
@@ -103,15 +103,15 @@ def _check_shrink(image: VhdxFile, new_size: int) -> None:
         if start >= new_size:
             raise UsageError(f"the block at virtual offset {start} lies past the new end ({new_size}) and holds "
                              "data; shrinking would lose it (discard it first, or run `vhdxfs compact` if it "
-                             "reads as zeros)", field="SIZE")
+                             "reads as zeros)", field="SIZE", reason=Reason.DATA_IN_THE_WAY)
         tail = image.host.pread(file_offset + new_size - start, min(bs, g.virtual_size - start) - (new_size - start))
         if tail.count(0) != len(tail):
             first = new_size + next(i for i, b in enumerate(tail) if b)
             raise UsageError(f"virtual offset {first} lies past the new end ({new_size}) and holds data; "
-                             "shrinking would lose it", field="SIZE")
+                             "shrinking would lose it", field="SIZE", reason=Reason.DATA_IN_THE_WAY)
 
 
-def _bat_pages(image: VhdxFile, entries: array, offset: int, length: int) -> dict[int, bytes]:
+def _bat_pages(image: VhdxFile, entries: array[int], offset: int, length: int) -> dict[int, bytes]:
     """The pages of the BAT region at ``offset`` that must change to hold ``entries`` (zeros after them).
 
     Compared a few MiB at a time: a 64 TiB image with 1 MiB blocks has a 512 MiB BAT.
@@ -148,7 +148,7 @@ def _resize(image: VhdxFile, new_size: int, shrink: bool) -> ResizeResult:
 
     entries = array("Q", image.bat.entries[:new.total_entries])
     entries.frombytes(bytes(8 * (new.total_entries - len(entries))))
-    bat_region = image.regions.find(guids.BAT_REGION)
+    bat_region = image.regions.region(guids.BAT_REGION)
     end = _align(max(host.size(), image.space_map().end()))
     moved = bat_region.length < new.bat_bytes
     if moved:

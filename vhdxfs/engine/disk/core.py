@@ -37,6 +37,7 @@ _PRESENT = int(PayloadState.FULLY_PRESENT)
 _PARTIAL = int(PayloadState.PARTIALLY_PRESENT)
 _NOT_PRESENT = int(PayloadState.NOT_PRESENT)
 _DATA = Kind.DATA
+_run = tuple.__new__  # a Run from a tuple of its fields, without the NamedTuple's Python-level __new__
 
 
 class DiskCore:
@@ -106,9 +107,11 @@ class DiskCore:
         if within + length <= self.block_size and not self._overlays:  # most requests: one block, here
             state, file_offset = self.bat.payload(block)
             if state == _PRESENT:
-                self.guards.hold(file_offset)
-                return ReadPlan(offset, (Run(offset, length, _DATA, file_offset + within, self.depth),),
-                                [(self.guards, file_offset)])
+                guards = self.guards
+                counts = guards.counts  # guards.hold(file_offset), written out
+                counts[file_offset] = counts.get(file_offset, 0) + 1
+                return ReadPlan(offset, (_run(Run, (offset, length, _DATA, file_offset + within, self.depth)),),
+                                [(guards, file_offset)])
         runs: list[Run] = []
         held: Held = []
         if self._resolve(offset, length, runs, held) is not None:
@@ -192,8 +195,10 @@ class DiskCore:
         if within + length <= bs:  # most requests: one block, allocated
             state, file_offset = self.bat.payload(block)
             if state == _PRESENT:
-                self.guards.hold(file_offset)
-                return WritePlan(offset, (Run(offset, length, _DATA, file_offset + within),), self.guards,
+                guards = self.guards
+                counts = guards.counts  # guards.hold(file_offset), written out
+                counts[file_offset] = counts.get(file_offset, 0) + 1
+                return WritePlan(offset, (_run(Run, (offset, length, _DATA, file_offset + within, 0)),), guards,
                                  [file_offset])
         runs: list[Run] = []
         used: list[int] = []

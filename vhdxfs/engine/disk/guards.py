@@ -9,7 +9,7 @@ requests on other blocks, however many blocks they span, allocate or read throug
 freed space from reuse.
 
 The count is per block of each layer (``BlockGuards``), so a guard costs a dict update per block. A later
-switch of layers under running I/O waits on the same counts (``active``).
+switch of layers under running I/O waits on the same counts (``idle``).
 
 When a guard completes:
 - a read plan is complete once its bytes are in the caller's buffer (``ReadPlan.complete`` also patches
@@ -32,16 +32,14 @@ from .runs import Run
 class BlockGuards:
     """Per-block counts of the requests moving bytes in one layer's file, keyed by the block's file offset."""
 
-    __slots__ = ("counts", "active")
+    __slots__ = ("counts",)
 
     def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-        self.active = 0  # blocks held, summed over requests: 0 when no request moves bytes here
+        self.counts: dict[int, int] = {}  # a block is in it only while some request holds it
 
     def hold(self, block_offset: int) -> None:
         counts = self.counts
         counts[block_offset] = counts.get(block_offset, 0) + 1
-        self.active += 1
 
     def let_go(self, block_offset: int) -> None:
         counts = self.counts
@@ -50,11 +48,15 @@ class BlockGuards:
             del counts[block_offset]
         else:
             counts[block_offset] = n - 1
-        self.active -= 1
 
     def holds(self, block_offset: int) -> bool:
         """Is the block at ``block_offset`` of the file held by a request?"""
         return block_offset in self.counts
+
+    @property
+    def idle(self) -> bool:
+        """No request moves bytes in this layer's file."""
+        return not self.counts
 
 
 Held = list[tuple[BlockGuards, int]]
@@ -82,7 +84,14 @@ class ReadPlan:
                 part = bytearray(view[start:start + run.length])
                 overlay.patch(run.file_offset, part)
                 view[start:start + run.length] = part
-        self.release()
+        held, self._held = self._held, []
+        for guards, block_offset in held:  # as release(), written out: on every read's path
+            counts = guards.counts
+            n = counts[block_offset]
+            if n == 1:
+                del counts[block_offset]
+            else:
+                counts[block_offset] = n - 1
 
     def release(self) -> None:
         """Let the blocks go (also when moving the bytes failed). Once only."""
@@ -111,7 +120,14 @@ class WritePlan:
             for mark in self._marks:
                 mark()
             self._marks = None
-        self.release()
+        held, self._held = self._held, []
+        counts = self._guards.counts
+        for block_offset in held:  # as release(), written out: on every write's path
+            n = counts[block_offset]
+            if n == 1:
+                del counts[block_offset]
+            else:
+                counts[block_offset] = n - 1
 
     def release(self) -> None:
         """Let the blocks go without marking anything (also when moving the bytes failed). Once only."""

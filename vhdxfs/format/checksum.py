@@ -15,7 +15,7 @@ class _Crc32c(Protocol):
 
 def _load_crc32c() -> _Crc32c:
     """The crc32c package's C extension, loaded without the package's __init__, which looks up its own
-    version through importlib.metadata: about 20 ms of every `vhdxfs info` start (README "Command line").
+    version through importlib.metadata: about 20 ms of every `vhdxfs info` start (docs/commands.md, "Start-up").
     Falls back to the plain import wherever the extension is not where the package keeps it."""
     try:
         spec = importlib.util.find_spec("crc32c")

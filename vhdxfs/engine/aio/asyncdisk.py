@@ -62,7 +62,7 @@ class AsyncDisk(DiskFacts):
                    data_write_guid: uuid.UUID | None = None, writeback_limit: int | None = None) -> AsyncDisk:
         """As Disk.open (engine/disk/sync.py), with the blocking work in a worker thread.
         ``writeback_limit``: bytes of acknowledged writes that may wait for the image file (default 16 MiB;
-        README, "Durability")."""
+        docs/mounting.md, "The raw file", its Durability rule)."""
         core = await trio.to_thread.run_sync(functools.partial(
             open_chain, path, read_only=read_only, parent=parent, host_factory=host_factory,
             data_write_guid=data_write_guid))
@@ -122,7 +122,8 @@ class AsyncDisk(DiskFacts):
         return False
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Acknowledged once queued; durable after the next flush (README, "Durability")."""
+        """Acknowledged once queued; durable after the next flush (docs/mounting.md, "The raw file", its
+        Durability rule)."""
         core = self._core
         view = memoryview(data).cast("B")
         plan = core.plan_write(offset, len(view)) if view else None

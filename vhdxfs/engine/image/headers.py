@@ -1,6 +1,6 @@
 """HeaderState: the one owner of an image file's two headers and the GUIDs in them (spec 2.2.2).
 
-Rules (docs/design.md, "Headers"): every header change writes the next header over the non-current
+Rules (docs/design.md, "Header updates"): every header change writes the next header over the non-current
 copy, makes it durable, and does it again, so both copies agree (2.2.2.1). A writable open changes
 FileWriteGuid before anything else in the file changes; DataWriteGuid changes before the first change a
 reader of the virtual disk could see (a commit into a parent chooses the new value itself, spec note 12);

@@ -1,12 +1,12 @@
-"""The benchmark harnesses' own logic (benchmarks/bench.py, side_by_side.py), without running fio.
+"""The benchmark harness's own logic (benchmarks/harness), without running fio or any daemon.
 
-What matters for the figures they report: every allocating job writes where nothing was written before on
-its copy, and the side-by-side report's ratios are ratios of medians.
+What matters for the figures it reports: every allocating job writes where nothing was written before on
+its copy; both front ends pick jobs by the same rule; the visiting order puts vhdxfs-base right beside
+vhdxfs; and the reports' ratios are ratios of medians, vhdxfs/vhdxfs-base included, on NBD as on FUSE.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-bench = importlib.import_module("bench")
-side_by_side = importlib.import_module("side_by_side")
+from harness import jobs, side_by_side  # noqa: E402
 
 GiB = 1 << 30
 
@@ -23,9 +22,9 @@ GiB = 1 << 30
 @pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
 def test_the_filled_image_job_allocates_above_the_filled_span_and_inside_the_image(quick):
     size = 8 * GiB
-    jobs = {j["name"]: j for j in bench.jobs(quick, size)}
-    fill = next(j for j in jobs.values() if j.get("fills"))
-    filled = jobs["rand write 4k fsync/32, filled image"]
+    by_name = {j["name"]: j for j in jobs.fuse_jobs(quick, size)}
+    fill = next(j for j in by_name.values() if j.get("fills"))
+    filled = by_name["rand write 4k fsync/32, filled image"]
     assert not filled.get("fresh"), "it must run on the copy the fill job wrote"
     assert filled["offset"] >= fill.get("offset", 0) + fill["size"]
     assert filled["offset"] + filled["size"] <= size
@@ -33,15 +32,15 @@ def test_the_filled_image_job_allocates_above_the_filled_span_and_inside_the_ima
 
 
 def test_the_allocated_space_write_job_stays_inside_the_filled_span():
-    jobs = {j["name"]: j for j in bench.jobs(False, 8 * GiB)}
-    fill = next(j for j in jobs.values() if j.get("fills"))
-    written = jobs["rand write 4k"]
+    by_name = {j["name"]: j for j in jobs.fuse_jobs(False, 8 * GiB)}
+    fill = next(j for j in by_name.values() if j.get("fills"))
+    written = by_name["rand write 4k"]
     assert written.get("offset", 0) >= fill.get("offset", 0)
     assert written.get("offset", 0) + written["size"] <= fill.get("offset", 0) + fill["size"]
 
 
 def test_selecting_fsync_jobs_keeps_both_allocating_jobs_in_their_order():
-    names = [j["name"] for j in bench.select(bench.jobs(False, 8 * GiB), ["fsync"])]
+    names = [j["name"] for j in jobs.select(jobs.fuse_jobs(False, 8 * GiB), ["fsync"])]
     assert names == ["rand write 4k fsync/32, filled image", "rand write 4k fsync/32, fresh"]
 
 

@@ -17,9 +17,10 @@ The table gives medians: MiB/s, and IOPS for 4k jobs, and the ratios vhdxfs/qsd 
 --jobs runs a subset of the jobs (a pattern equal to a job's name picks it, otherwise every job whose name
 contains it); a selected job that reads or rewrites the span still finds it filled by the first job, run
 unmeasured. Every visit's figures are in the JSON.
-It also measures the vhdxfs daemon's peak RSS with a 64 TiB image open and the time to open that image
-(`vhdxfs info` next to `qemu-img info`). A contender that is missing or fails is reported as n/a with the
-reason; the others go on. Everything is written to benchmarks/results/<timestamp>.{json,md}.
+It also measures the peak RSS of the vhdxfs daemon and of qemu-storage-daemon with a 64 TiB image open, and
+the time to open that image (`vhdxfs info` next to `qemu-img info`); --no-footprint skips that.
+A contender that is missing or fails is reported as n/a with the reason; the others go on. Everything is
+written to benchmarks/results/<timestamp>.{json,md}.
 The NBD front end is benchmarks/run-nbd (harness/nbd.py); both share harness/jobs.py, visits.py and results.py.
 """
 

@@ -1,7 +1,7 @@
 """benchmarks/run-side-by-side: plain fio, vhdxfs and qemu-storage-daemon mounted at the same time.
 
-The second harness of README "Performance" (the first is benchmarks/run): both daemons serve their own copy
-of one image for the whole run, as a user would run them, and plain fio jobs visit them A B B A:
+The second harness of README "Performance" (the first is benchmarks/run, harness/fuse.py): both daemons serve
+their own copy of one image for the whole run, as a user would run them, and plain fio jobs visit them A B B A:
 
   qemu-img create -q -f vhdx img.vhdx SIZE; cp img.vhdx a.vhdx; cp img.vhdx b.vhdx
   vhdxfs mount a.vhdx va                                                     -> fio on va/a.raw
@@ -24,35 +24,34 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench import (
+from .fuse_mounts import vhdxfs
+from .jobs import fio
+from .procs import (
     HERE,
     GiB,
     Unavailable,
-    fio,
     force_unmount,
     is_mounted,
     log,
-    machine,
     mounts_under,
     parse_size,
     run,
-    save_results,
     spawn,
     stop,
-    vhdxfs,
     wait_for,
 )
+from .results import machine, save_results
 
 CONTENDERS = ("vhdxfs", "qsd")
 JOBS = ("alloc4k", "fsync32")
 
 
-def start_qsd(image: Path, work: Path):
+def start_qsd(image: Path, work: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """The issue's command line, QEMU's defaults otherwise (no cache or allow-other options)."""
     target = work / "q.raw"
     target.touch()
@@ -101,7 +100,7 @@ def ratio(results: dict[str, list[float]]) -> float:
     return statistics.median(results["vhdxfs"]) / statistics.median(results["qsd"])
 
 
-def report(runs: list[dict], args) -> str:
+def report(runs: list[dict[str, dict[str, list[float]]]], args: argparse.Namespace) -> str:
     lines = ["| job | run | vhdxfs visits (IOPS) | qsd visits (IOPS) | vhdxfs/qsd |", "|---|---:|---|---|---:|"]
     for job in JOBS:
         for i, r in enumerate(runs, 1):
@@ -145,6 +144,3 @@ def main() -> int:
     save_results(args.results, f"side-by-side-{stamp}", record, text)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@
 It has the shape of vhdxfs's mount (one direct_io file, the same FUSE options) and does no translation at
 all, so the gap between it and vhdxfs is what the VHDX engine costs. Two ways to reach the host file:
 
-  hostfile  (default) vhdxfs's own host I/O (engine/aio/host.py): page-cache reads inline with RWF_NOWAIT,
+  hostfile  (default) vhdxfs's own host I/O (engine/aio/asynchost.py): page-cache reads inline with RWF_NOWAIT,
             writes queued for the write-back thread, everything else in its lean worker pool. The fair
             ceiling: the same host I/O as vhdxfs, translation excluded.
   threads   plain blocking os.pread/os.pwrite/os.fdatasync in trio.to_thread.run_sync workers. Needs
@@ -55,12 +55,12 @@ class ThreadIO:
 
 
 class EngineIO:
-    """vhdxfs's own host I/O, as the daemon's engine uses it (engine/aio/host.py): page-cache reads inline
+    """vhdxfs's own host I/O, as the daemon's engine uses it (engine/aio/asynchost.py): page-cache reads inline
     with RWF_NOWAIT, writes through the write-back queue, everything else in worker threads."""
 
     def __init__(self, path: str) -> None:
         from vhdxfs.engine import PosixFile  # needs the repo on PYTHONPATH (the harness sets it)
-        from vhdxfs.engine.aio.host import AsyncHost
+        from vhdxfs.engine.aio import AsyncHost
 
         self.file = PosixFile(path, writable=True, lock=False)
         self.aio = AsyncHost(self.file)

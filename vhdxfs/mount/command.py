@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import grp
 import logging
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import trio
 
 from ..errors import UsageError, VhdxError
-from ..service.daemon import daemonize, run_in_foreground
+from ..service.daemon import Ready, daemonize, run_in_foreground
 from ..service.records import wait_for_exit
 from .daemon import MountConfig, read_state, serve, state_file
 from .mounts import FSTYPE, find_mount, is_dead, normalize
@@ -163,7 +162,10 @@ def run_mount(args: argparse.Namespace) -> int:
                          parent=os.path.abspath(args.parent) if args.parent else None, debug=args.debug)
     parse_options(args.options, config)
     check_arguments(config)
-    service = functools.partial(trio.run, serve, config)
+
+    def service(ready: Ready) -> None:
+        trio.run(serve, config, ready)
+
     if args.foreground:
         return run_in_foreground(service, args.debug)
     log_file = state_file(config.mountpoint).with_suffix(".log")

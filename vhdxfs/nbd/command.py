@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import signal
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import trio
 
 from ..errors import UsageError, VhdxError
-from ..service.daemon import daemonize, run_in_foreground
+from ..service.daemon import Ready, daemonize, run_in_foreground
 from ..service.records import STATE_DIR, read_record, wait_for_exit
 from .exports import export_name
 from .listeners import parse_address
@@ -64,7 +63,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if not config.listen and not config.socket:
         config.socket = default_socket(images)
     check_config(config)
-    service = functools.partial(trio.run, serve, config)
+
+    def service(ready: Ready) -> None:
+        trio.run(serve, config, ready)
+
     if args.foreground:
         return run_in_foreground(service, args.debug)
     log_file = state_file(config).with_suffix(".log")

@@ -102,7 +102,7 @@ def run_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve", help="serve images over NBD",
         description="Serve each IMAGE as an NBD export named by its stem (disk.vhdx -> disk; with one image the "

@@ -49,7 +49,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UsageError(f"cannot resolve {host!r}: {exc.strerror}", field="--listen") from None
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:

@@ -130,7 +130,7 @@ def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | No
     return written
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("convert", help="convert raw <-> VHDX",
                               description="Convert between raw and VHDX, by extension (.vhdx/.avhdx are VHDX, "
                                           "anything else is raw). The output is sparse; DST must not exist.")

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from vhdxfs.errors import ImageLockedError, Reason, VhdxError
+from vhdxfs.service.daemon import daemonize
 from vhdxfs.service.lifecycle import Life, Serving, run_daemon
 from vhdxfs.service.records import read_record
 from vhdxfs.service.signals import STOP_SIGNALS
@@ -251,3 +252,15 @@ async def test_a_piece_entered_after_the_resources_closes_before_them(tmp_path):
     await run_daemon(Starter(events), start, stop_message="closing")
     assert events.index("disks opened") < events.index("piece entered") < events.index("ready")
     assert events.index("piece closed") < events.index("disks closed")
+
+
+def test_the_error_that_kept_a_daemon_from_starting_reaches_its_starter_whole(tmp_path):
+    """Across the readiness pipe: the message, and the errno and reason code may tell failures apart by."""
+
+    def service(ready):
+        ready(ImageLockedError("held by another process", path="a.vhdx"))
+
+    with pytest.raises(VhdxError) as caught:
+        daemonize(service, what="test", debug=False, log_file=tmp_path / "test.log")
+    assert str(caught.value) == "a.vhdx: held by another process"
+    assert (caught.value.reason, caught.value.errno) == (Reason.LOCKED, errno.EBUSY)

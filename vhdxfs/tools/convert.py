@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..engine import Disk, ImageSpec, Kind, create_image
-from ..errors import HostIOError, UsageError, VhdxError
+from ..errors import HostIOError, Reason, UsageError, VhdxError
 from ..sizes import format_size, parse_size
 from .progress import progress
 
@@ -89,7 +89,8 @@ def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | No
             parent: str | None = None) -> int:
     """Copy the virtual contents of ``src`` into a new ``dst``; returns the bytes of data written."""
     if Path(dst).exists():
-        raise VhdxError("already exists; remove it first or pick another name", path=dst)
+        raise VhdxError("already exists; remove it first or pick another name", path=dst, errno=errno.EEXIST,
+                        reason=Reason.EXISTS)
     source = VhdxSource(Disk.open(src, read_only=True, parent=parent)) if is_vhdx(src) else RawSource(src)
     written = 0
     try:

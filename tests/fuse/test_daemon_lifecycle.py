@@ -95,7 +95,7 @@ class FrontEnd:
         self.events.append(f"serving, record {read_record(self.record, 'test:key') == os.getpid()}")
         os.kill(os.getpid(), signal.SIGTERM)
         await self.life.stopping.wait()
-        self.events.append(f"stopped by {self.life.reason}")
+        self.events.append(f"stopped by {self.life.stopped_by}")
 
 
 async def test_a_stop_signal_closes_everything_in_reverse_and_the_record_goes_last(tmp_path, notify):

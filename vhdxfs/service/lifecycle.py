@@ -88,27 +88,27 @@ class Life:
     def __init__(self, nursery: trio.Nursery, stop_message: str) -> None:
         self.nursery = nursery  # the daemon's nursery: daemon-wide tasks, cancelled after the close
         self.stopping = trio.Event()  # set by the first stop, and when serving ends of itself
-        self.reason: str | None = None  # what stopped the daemon (a signal's name)
+        self.stopped_by: str | None = None  # what stopped the daemon (a signal's name)
         self.announced = False  # the starter was told the daemon serves
         self._stop_message = stop_message
         self._stack = AsyncExitStack()
         self._interrupt: Callable[[], None] | None = None
 
-    def stop(self, reason: str) -> None:
+    def stop(self, why: str) -> None:
         """Start a clean stop: ``stopping`` is set and a running ``serve`` is interrupted. The first stop
         signal calls this; later calls change nothing."""
-        if self.reason is not None:
+        if self.stopped_by is not None:
             return
-        self.reason = reason
-        log.info("%s: %s", reason, self._stop_message)
+        self.stopped_by = why
+        log.info("%s: %s", why, self._stop_message)
         self.stopping.set()
         if self._interrupt is not None:
             self._interrupt()
 
     def refuse_if_stopping(self, what: str) -> None:
         """Fail the start when a stop came while it ran (``what``: "while opening the images; not mounted")."""
-        if self.reason is not None:
-            raise VhdxError(f"{self.reason} {what}", errno=errno.EINTR, reason=Reason.CLOSED)
+        if self.stopped_by is not None:
+            raise VhdxError(f"{self.stopped_by} {what}", errno=errno.EINTR, reason=Reason.CLOSED)
 
     async def enter(self, manager: AbstractAsyncContextManager[T]) -> T:
         """Enter ``manager`` (a nursery, a piece such as a control channel); it exits at the close in

@@ -9,6 +9,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ loads them
+    from .api.asyncfile import open_async
+    from .api.create import create
+    from .api.file import DiskFile, open  # noqa: A004
+
 __version__ = "0.1.0"
 __all__ = ["DiskFile", "create", "open", "open_async"]
 
@@ -16,7 +23,7 @@ _LAZY = {"open": "vhdxfs.api.file", "DiskFile": "vhdxfs.api.file", "create": "vh
          "open_async": "vhdxfs.api.asyncfile"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vhdxfs' has no attribute {name!r}")

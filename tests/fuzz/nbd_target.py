@@ -1,5 +1,6 @@
 """The NBD target: vhdxfs/nbd/protocol.py's parsers fed a client's byte stream, and the transmission
-phase's decisions taken before any I/O (vhdxfs/nbd/transmission.py ``_refusal`` and ``_cost``).
+phase's decisions taken before any I/O (vhdxfs/nbd/admission.py ``refusal`` and ``cost``, the seams
+Transmission calls for every request).
 
 The stream is read as the server reads it: the client flags, then option headers each followed by their
 data (parsed as INFO/GO or LIST/SET_META_CONTEXT requests when the option says so), then request headers.
@@ -12,8 +13,10 @@ from __future__ import annotations
 import struct
 from types import SimpleNamespace
 
+from vhdxfs.nbd import admission
 from vhdxfs.nbd import protocol as p
-from vhdxfs.nbd.transmission import Transmission
+from vhdxfs.nbd.exports import MAX_PAYLOAD
+from vhdxfs.nbd.handshake import Session
 
 from .patches import Reader
 
@@ -42,11 +45,11 @@ def _request(header: bytes, flags: int) -> None:
     request = p.parse_request(header)
     assert p.REQUEST.pack(p.REQUEST_MAGIC, request.flags, request.type, request.cookie, request.offset,
                           request.length) == header
-    session = SimpleNamespace(contexts={1: p.BASE_ALLOCATION} if flags & 1 else {})
-    export = SimpleNamespace(read_only=bool(flags & 2), size=(flags >> 2) * 512)
-    refusal = Transmission._refusal(SimpleNamespace(session=session, export=export), request)
+    session = Session(contexts={1: p.BASE_ALLOCATION} if flags & 1 else {})
+    export = SimpleNamespace(read_only=bool(flags & 2), size=(flags >> 2) * 512)  # admission.ExportLimits
+    refusal = admission.refusal(request, export, session)
     assert refusal in (0, *p.WIRE_ERRORS)
-    assert 0 <= Transmission._cost(request) <= 32 << 20
+    assert 0 <= admission.cost(request) <= MAX_PAYLOAD == 32 << 20
 
 
 def nbd(data: bytes) -> None:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from ..engine import Extent
 from ..engine.aio import AsyncDisk
 from ..errors import UsageError
 from .file import MODES
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
 class AsyncDiskFile:
@@ -45,12 +49,12 @@ class AsyncDiskFile:
         length = max(0, min(length, self.size - offset))
         return bytes(await self._disk.read(offset, length)) if length else b""
 
-    async def write(self, data) -> int:
+    async def write(self, data: ReadableBuffer) -> int:
         n = await self.pwrite(self._pos, data)
         self._pos += n
         return n
 
-    async def pwrite(self, offset: int, data) -> int:
+    async def pwrite(self, offset: int, data: ReadableBuffer) -> int:
         view = memoryview(data).cast("B")
         if view and offset >= self.size:
             raise OSError(errno.ENOSPC, "write past the end of the virtual disk", self.name)
@@ -91,8 +95,8 @@ class AsyncDiskFile:
         await self.aclose()
 
 
-async def open_async(path: str | os.PathLike, mode: str = "rb", *,
-                     parent: str | os.PathLike | None = None) -> AsyncDiskFile:
+async def open_async(path: str | os.PathLike[str], mode: str = "rb", *,
+                     parent: str | os.PathLike[str] | None = None) -> AsyncDiskFile:
     """As ``vhdxfs.open``, for trio: ``async with await vhdxfs.open_async("disk.vhdx", "r+b") as disk:``."""
     read_only = MODES.get(mode)
     if read_only is None:

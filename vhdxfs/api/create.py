@@ -15,7 +15,7 @@ def _size(value: int | str | None, what: str) -> int | None:
     return parse_size(value, what)
 
 
-def create(path: str | os.PathLike, size: int | str | None = None, *, parent: str | os.PathLike | None = None,
+def create(path: str | os.PathLike[str], size: int | str | None = None, *, parent: str | os.PathLike[str] | None = None,
            block_size: int | str | None = None, logical_sector_size: int = 512, physical_sector_size: int = 4096,
            fixed: bool = False, log_size: int | str = "1M") -> None:
     """Create ``path`` (it must not exist): a dynamic image of ``size`` bytes ("10G" works too), a fixed one

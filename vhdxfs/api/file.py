@@ -19,9 +19,14 @@ import io
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..engine import Disk, Extent
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 MODES = {"rb": True, "r+b": False, "rb+": False}  # the modes open takes -> read-only
 
@@ -58,7 +63,7 @@ class DiskFile(io.RawIOBase):
     def logical_sector_size(self) -> int:
         return self._disk.logical_sector_size
 
-    def chain(self) -> list[os.PathLike]:
+    def chain(self) -> list[Path]:
         """The image and its parents, child first."""
         return list(self._disk.chain())
 
@@ -93,7 +98,7 @@ class DiskFile(io.RawIOBase):
             return pos
 
     # -- I/O ----------------------------------------------------------------------------------------------
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         self._check_open()
         view = memoryview(buffer).cast("B")
         with self._lock:
@@ -103,7 +108,7 @@ class DiskFile(io.RawIOBase):
                 self._pos += n
             return n
 
-    def write(self, data) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         self._check_open()
         with self._lock:
             n = self.pwrite(self._pos, data)
@@ -117,7 +122,7 @@ class DiskFile(io.RawIOBase):
         length = max(0, min(length, self.size - offset))
         return bytes(self._disk.read(offset, length)) if length else b""
 
-    def pwrite(self, offset: int, data) -> int:
+    def pwrite(self, offset: int, data: ReadableBuffer) -> int:
         """Write ``data`` at ``offset``, the position untouched; returns the bytes written (cut at the end)."""
         self._check_open()
         if self._disk.read_only:
@@ -170,7 +175,8 @@ class DiskFile(io.RawIOBase):
         return iter(self._disk.extents(offset, length))
 
 
-def open(path: str | os.PathLike, mode: str = "rb", *, parent: str | os.PathLike | None = None) -> DiskFile:  # noqa: A001
+def open(path: str | os.PathLike[str], mode: str = "rb", *,  # noqa: A001
+         parent: str | os.PathLike[str] | None = None) -> DiskFile:
     """Open the virtual disk of the VHDX image ``path``: mode "rb" (read-only) or "r+b" (read-write).
 
     ``parent``: where a differencing image's parent is, when its locator does not find it. Errors are

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import grp
 import logging
 import os
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import trio
 
-from ..errors import UsageError, VhdxError
-from ..service.daemon import daemonize, run_in_foreground
+from ..errors import Reason, UsageError, VhdxError
+from ..service.daemon import Ready, daemonize, run_in_foreground
 from ..service.records import wait_for_exit
 from .daemon import MountConfig, read_state, serve, state_file
 from .mounts import FSTYPE, find_mount, is_dead, normalize
@@ -58,7 +57,7 @@ def check_arguments(config: MountConfig) -> None:
     names: dict[str, str] = {}
     for image in config.images:
         if not Path(image).is_file():
-            raise VhdxError("no such image file", path=image)
+            raise UsageError("no such image file", path=image, errno=errno.ENOENT)
         name = raw_name(image)
         if name in names:
             raise UsageError(f"{image} and {names[name]} would both appear as {name}; rename one", field="IMAGE")
@@ -67,11 +66,13 @@ def check_arguments(config: MountConfig) -> None:
     entry = find_mount(mnt)
     if entry is not None and is_dead(mnt):
         raise VhdxError(f"a dead {entry.fstype} mount is still here (its daemon is gone); remove it first with "
-                        f"'vhdxfs umount {mnt}'", path=mnt)
+                        f"'vhdxfs umount {mnt}'", path=mnt, errno=errno.ENOTCONN, reason=Reason.EXISTS)
     if entry is not None:
-        raise VhdxError(f"already mounted ({entry.fstype} from {entry.source}); unmount it first", path=mnt)
+        raise VhdxError(f"already mounted ({entry.fstype} from {entry.source}); unmount it first", path=mnt,
+                        errno=errno.EBUSY, reason=Reason.EXISTS)
     if not Path(mnt).is_dir():
-        raise VhdxError("mount point does not exist or is not a directory", path=mnt)
+        raise VhdxError("mount point does not exist or is not a directory", path=mnt, errno=errno.ENOTDIR,
+                        reason=Reason.BAD_ARGUMENT)
     if os.geteuid() != 0:
         check_plain_user(config)
 
@@ -100,12 +101,13 @@ def allows_other(conf: bytes) -> bool:
 def check_plain_user(config: MountConfig) -> None:
     """What fusermount3 (or opening the images) would refuse a user other than root, said before anything is
     mounted, with what to do about it: today's failures are only "fuse_session_mount failed" or a bare
-    "Permission denied". Root passes all of these, so this is not called for root."""
+    "Permission denied". Root passes all of these, so this is not called for root. Each refusal is the
+    host's (its permissions and settings), so its reason is HOST_IO and its errno says which kind."""
     try:
         dev = os.stat(FUSE_DEVICE)
     except FileNotFoundError:
         raise VhdxError("no such device, so nothing can be mounted; an administrator loads the fuse module "
-                        "(modprobe fuse)", path=FUSE_DEVICE, errno=errno.ENODEV) from None
+                        "(modprobe fuse)", path=FUSE_DEVICE, errno=errno.ENODEV, reason=Reason.HOST_IO) from None
     if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         group = _group(dev)
         if dev.st_gid == 0:
@@ -116,7 +118,7 @@ def check_plain_user(config: MountConfig) -> None:
             via_group = f"make it 0660 and add you to its group {group}"
         raise VhdxError(f"you may not read and write it ({stat.filemode(dev.st_mode)} {_owner(dev)}:{group}), so "
                         f"FUSE cannot mount for you; an administrator can make it 0666 (as Debian's udev rule "
-                        f"does) or {via_group}", path=FUSE_DEVICE, errno=errno.EACCES)
+                        f"does) or {via_group}", path=FUSE_DEVICE, errno=errno.EACCES, reason=Reason.HOST_IO)
     wants = [opt for opt in ("allow_other", "allow_root")
              if opt in config.fuse_options or (opt == "allow_other" and config.allow_other)]
     if wants:
@@ -128,33 +130,35 @@ def check_plain_user(config: MountConfig) -> None:
         except OSError as exc:
             raise VhdxError(f"you may not read it ({exc.strerror}), so fusermount3 cannot find user_allow_other "
                             f"there and refuses -o {wants[0]}; an administrator makes it readable (chmod 0644)",
-                            path=FUSE_CONF, errno=errno.EACCES) from None
+                            path=FUSE_CONF, errno=errno.EACCES, reason=Reason.HOST_IO) from None
         if not allows_other(conf):
             if allows_other(conf + b"\n"):
                 raise VhdxError("its last line, user_allow_other, has no newline at its end, so fusermount3 "
-                                "ignores it; an administrator adds the newline", path=FUSE_CONF, errno=errno.EPERM)
+                                "ignores it; an administrator adds the newline", path=FUSE_CONF, errno=errno.EPERM,
+                                reason=Reason.HOST_IO)
             raise VhdxError(f"-o {wants[0]} needs a line 'user_allow_other' here when a user other than root "
                             f"mounts; an administrator adds it (or mount without {wants[0]})", path=FUSE_CONF,
-                            errno=errno.EPERM)
+                            errno=errno.EPERM, reason=Reason.HOST_IO)
     mnt = config.mountpoint
     st = os.stat(mnt)
     if st.st_uid != os.getuid() and st.st_mode & stat.S_ISVTX:
         raise VhdxError(f"mount point is {_owner(st)}'s, not yours, and has the sticky bit set; fusermount3 lets "
                         f"a user other than root mount only on a directory of their own (mkdir one, e.g. ~/mnt)",
-                        path=mnt, errno=errno.EPERM)
+                        path=mnt, errno=errno.EPERM, reason=Reason.HOST_IO)
     if not os.access(mnt, os.W_OK | os.X_OK):
         if st.st_uid == os.getuid():
             raise VhdxError(f"you may not write to this mount point ({stat.filemode(st.st_mode)}), and "
                             f"fusermount3 requires it of a user other than root; chmod u+wx it", path=mnt,
-                            errno=errno.EPERM)
+                            errno=errno.EPERM, reason=Reason.HOST_IO)
         raise VhdxError(f"mount point is {_owner(st)}'s ({stat.filemode(st.st_mode)}), not yours, and you may not "
                         f"write to it; fusermount3 lets a user other than root mount only on a directory they may "
-                        f"write (mkdir one of your own, e.g. ~/mnt)", path=mnt, errno=errno.EPERM)
+                        f"write (mkdir one of your own, e.g. ~/mnt)", path=mnt, errno=errno.EPERM,
+                        reason=Reason.HOST_IO)
     if not config.read_only:
         for image in config.images:
             if os.access(image, os.R_OK) and not os.access(image, os.W_OK):
                 raise VhdxError("you may only read this image; mount it with -o ro (or get write access to it)",
-                                path=image, errno=errno.EACCES)
+                                path=image, errno=errno.EACCES, reason=Reason.READ_ONLY)
 
 
 def run_mount(args: argparse.Namespace) -> int:
@@ -163,7 +167,10 @@ def run_mount(args: argparse.Namespace) -> int:
                          parent=os.path.abspath(args.parent) if args.parent else None, debug=args.debug)
     parse_options(args.options, config)
     check_arguments(config)
-    service = functools.partial(trio.run, serve, config)
+
+    def service(ready: Ready) -> None:
+        trio.run(serve, config, ready)
+
     if args.foreground:
         return run_in_foreground(service, args.debug)
     log_file = state_file(config.mountpoint).with_suffix(".log")
@@ -174,30 +181,33 @@ def run_umount(args: argparse.Namespace) -> int:
     mnt = normalize(args.mountpoint)
     entry = find_mount(mnt)
     if entry is None:
-        raise VhdxError("not mounted", path=mnt)
+        raise UsageError("not mounted", path=mnt)  # EINVAL, as umount(2) says it
     if entry.fstype != FSTYPE:
-        raise VhdxError(f"not a vhdxfs mount ({entry.fstype} from {entry.source}); use umount(8)", path=mnt)
+        raise UsageError(f"not a vhdxfs mount ({entry.fstype} from {entry.source}); use umount(8)", path=mnt)
     dead = is_dead(mnt)
     pid = None if dead else read_state(mnt)
     result = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if result.returncode != 0:
         why = result.stderr.strip() or "fusermount3 failed"
-        hint = "; a file in it is still open (a loop device? 'losetup -d' it first)" if "busy" in why else ""
-        raise VhdxError(f"cannot unmount: {why}{hint}", path=mnt)
+        busy = "busy" in why  # fusermount3 says so only in words
+        hint = "; a file in it is still open (a loop device? 'losetup -d' it first)" if busy else ""
+        raise VhdxError(f"cannot unmount: {why}{hint}", path=mnt, errno=errno.EBUSY if busy else errno.EIO,
+                        reason=Reason.HOST_IO)
     if dead:
         state_file(mnt).unlink(missing_ok=True)  # the dead daemon's record
         raise VhdxError("removed a dead mount: its daemon had died, so its images were not closed cleanly "
-                        "(a writable open replays their log)", path=mnt)
+                        "(a writable open replays their log)", path=mnt, errno=errno.ENOTCONN, reason=Reason.HOST_IO)
     if pid is None:
         print(f"vhdxfs: {mnt}: unmounted, but no daemon was recorded to wait for", file=sys.stderr)
         return 0
     if not wait_for_exit(pid, UMOUNT_TIMEOUT):
+        # The images are still the daemon's (locked) when this gives up waiting.
         raise VhdxError(f"unmounted, but daemon {pid} is still closing the images after {UMOUNT_TIMEOUT:.0f} s",
-                        path=mnt)
+                        path=mnt, errno=errno.ETIMEDOUT, reason=Reason.LOCKED)
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "mount", help="mount images as raw files",
         description="Mount each IMAGE as MOUNTPOINT/<stem>.raw (disk.vhdx -> disk.raw). Returns once the mount is "

@@ -1,18 +1,17 @@
-"""The mount's lifecycle: open the images, mount, serve, and on any way out close everything cleanly.
+"""The mount daemon: open the images, mount, serve, and on any way out close everything cleanly.
 
 Ways out: SIGTERM/SIGINT/SIGHUP (we unmount), ``fusermount3 -u`` or ``vhdxfs umount`` (the kernel ends the
 session), or the FUSE session failing. Every way ends the same: unmount if still mounted, then flush and
 close each image (log applied, LogGuid cleared), then remove the pid record, then exit; ``vhdxfs umount``
-waits for that exit. Signals are received for the daemon's whole life, so a second Ctrl-C or a signal
-during start-up can never cut a close short. Mount-time failures happen before anything is mounted, or
-unmount again, so no stale mount is left behind.
+waits for that exit. The sequence is the one every daemon lives (service/lifecycle.py); this module gives
+it what the mount opens: the disks, then the FUSE session. Mount-time failures happen before anything is
+mounted, so no stale mount is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,18 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
-import trio
 
 from ..engine.aio import close_disks, open_disks
-from ..errors import VhdxError
+from ..errors import Reason, VhdxError
 from ..service.daemon import Ready
-from ..service.notify import sd_notify
-from ..service.records import read_record, record_path, write_record
-from ..service.signals import run_until_stopped
+from ..service.lifecycle import Life, Serving, run_daemon
+from ..service.records import read_record, record_path
 from .mounts import normalize
 from .operations import RawFilesOperations
-
-log = logging.getLogger("vhdxfs.mount")
 
 
 @dataclass
@@ -47,12 +42,12 @@ class MountConfig:
     debug: bool = False
 
 
-def state_file(mountpoint: str | os.PathLike) -> Path:
+def state_file(mountpoint: str | os.PathLike[str]) -> Path:
     """Where the daemon serving ``mountpoint`` records its pid for ``vhdxfs umount`` (service/records.py)."""
     return record_path(normalize(mountpoint))
 
 
-def read_state(mountpoint: str | os.PathLike) -> int | None:
+def read_state(mountpoint: str | os.PathLike[str]) -> int | None:
     """The pid of the live daemon serving ``mountpoint``, if its record is there and still true."""
     return read_record(state_file(mountpoint), normalize(mountpoint))
 
@@ -91,70 +86,35 @@ def _capture_stderr() -> Iterator[list[str]]:
                 os.write(2, text.encode())
 
 
-class _Stop:
-    """Shared between the signal watcher and the serving code."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self.serving = False
-
-
 async def serve(config: MountConfig, ready: Ready) -> None:
-    """Open, mount, call ``ready(None)`` (or ``ready(message)`` on failure), serve until told to stop."""
-    stop = _Stop()
-
-    def on_signal(name: str) -> None:
-        """End the FUSE loop gracefully (pyfuse3.terminate lets requests in flight finish)."""
-        stop.signal = name
-        log.info("%s: unmounting, then closing the images", name)
-        if stop.serving:
-            pyfuse3.terminate()
-
-    await run_until_stopped(functools.partial(_serve, config, ready, stop), on_signal)
+    """Open, mount, call ``ready(None)`` (or ``ready(error)`` on failure), serve until told to stop."""
+    await run_daemon(ready, functools.partial(_start, config), stop_message="unmounting, then closing the images")
 
 
-async def _serve(config: MountConfig, ready: Ready, stop: _Stop) -> None:
-    try:
-        disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
-    except VhdxError as exc:
-        ready(str(exc))
-        return
-    if stop.signal:
-        await close_disks(disks)
-        ready(f"{stop.signal} while opening the images; not mounted")
-        return
+async def _start(config: MountConfig, life: Life) -> Serving:
+    """Enter the disks, then the FUSE session, on the daemon's stack (service/lifecycle.py)."""
+    disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
+    life.on_close(close_disks, disks)
+    life.refuse_if_stopping("while opening the images; not mounted")
     ops = RawFilesOperations(disks, read_only=config.read_only, uid=config.uid, gid=config.gid)
     # Nothing may touch the mount point once it is mounted and before we serve (not even realpath's lstat):
     # we would wait on ourselves, for ever. So every path is worked out now.
     mountpoint = normalize(config.mountpoint)
-    pidfile = state_file(mountpoint)
+    record = state_file(mountpoint)
+    fuse_said: list[str] = []
     try:
         with _capture_stderr() as fuse_said:
             pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except RuntimeError as exc:
-        await close_disks(disks)
-        ready(f"{config.mountpoint}: cannot mount: {'; '.join(fuse_said) or exc}")
-        return
-    try:
-        try:
-            write_record(pidfile, mountpoint)
-        except OSError as exc:
-            log.warning("cannot record the daemon pid in %s: %s", pidfile, exc)
-        log.info("mounted %s at %s", ", ".join(config.images), config.mountpoint)
-        ready(None)
-        sd_notify("READY=1\nSTATUS=serving " + ", ".join(config.images))
-        stop.serving = True
-        if not stop.signal:
-            # Ends when a signal asked us to stop, the kernel ended the session (someone unmounted us),
-            # or the session failed.
-            await pyfuse3.main()
-    finally:
-        stop.serving = False
-        sd_notify("STOPPING=1")
-        with trio.CancelScope(shield=True):
-            # Always ask: libfuse skips the unmount when the kernel already ended the session (the device
-            # fd reports POLLERR), so this never touches a later mount on the same directory, and a loop
-            # that ended for any other reason leaves no dead mount behind.
-            pyfuse3.close(unmount=True)
-            await close_disks(disks)
-        pidfile.unlink(missing_ok=True)
+        raise VhdxError(f"cannot mount: {'; '.join(fuse_said) or exc}", path=config.mountpoint,
+                        reason=Reason.HOST_IO) from None
+    # Always ask to unmount: libfuse skips it when the kernel already ended the session (the device fd
+    # reports POLLERR), so this never touches a later mount on the same directory, and a loop that ended
+    # for any other reason leaves no dead mount behind.
+    life.callback(pyfuse3.close, unmount=True)
+    images = ", ".join(config.images)
+    # pyfuse3.main ends when a stop terminates it, the kernel ends the session (someone unmounted us), or
+    # the session fails.
+    return Serving(record=record, key=mountpoint, status=f"serving {images}",
+                   announce=f"mounted {images} at {config.mountpoint}", serve=pyfuse3.main,
+                   interrupt=pyfuse3.terminate)

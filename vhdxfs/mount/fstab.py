@@ -36,9 +36,12 @@ def parser() -> argparse.ArgumentParser:
 def translate(argv: list[str]) -> list[str]:
     """mount(8)'s arguments -> vhdxfs's: ['src', 'dst', '-o', 'a,b'] -> ['mount', '-o', 'a', 'src', 'dst']."""
     args = parser().parse_args(argv)
-    options = [o for group in args.options for o in group.split(",")]
+    groups: list[str] = args.options
+    source: str = args.source
+    target: str = args.target
+    options = [o for group in groups for o in group.split(",")]
     kept = [o for o in options if o and o not in DROPPED and not o.startswith(("x-", "comment="))]
     out = ["mount"]
     if kept:
         out += ["-o", ",".join(kept)]
-    return out + args.source.split(":") + [args.target]
+    return out + source.split(":") + [target]

@@ -30,12 +30,12 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def normalize(path: str | os.PathLike) -> str:
+def normalize(path: str | os.PathLike[str]) -> str:
     """Absolute path with symlinks resolved as far as they resolve (a dead mount point does not)."""
     return os.path.realpath(os.path.abspath(path))
 
 
-def find_mount(path: str | os.PathLike, mountinfo: str = MOUNTINFO) -> MountEntry | None:
+def find_mount(path: str | os.PathLike[str], mountinfo: str = MOUNTINFO) -> MountEntry | None:
     """The topmost mount whose mount point is ``path``, or None when nothing is mounted exactly there."""
     target = normalize(path)
     found = None
@@ -55,7 +55,7 @@ def find_mount(path: str | os.PathLike, mountinfo: str = MOUNTINFO) -> MountEntr
     return found
 
 
-def is_dead(path: str | os.PathLike) -> bool:
+def is_dead(path: str | os.PathLike[str]) -> bool:
     """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected").
 
     statvfs, not stat: the kernel answers stat from its attribute cache without asking the daemon, but

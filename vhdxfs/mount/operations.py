@@ -12,8 +12,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -22,6 +23,8 @@ from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
 
 log = logging.getLogger("vhdxfs.mount")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 ALLOCATION_RECOUNT = 5.0  # seconds
 SEEK_WINDOW = 4 << 30  # SEEK_DATA / SEEK_HOLE look at the extents this much at a time
@@ -29,7 +32,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def raw_name(image: str | os.PathLike) -> str:
+def raw_name(image: str | os.PathLike[str]) -> str:
     """disk.vhdx -> disk.raw, snap.avhdx -> snap.raw"""
     return Path(image).stem + ".raw"
 
@@ -42,7 +45,7 @@ class RawFile:
         self.name = name
         self.disk = disk
         self.unflushed = False
-        self.allocated = None  # bytes holding data, and when they were counted (st_blocks)
+        self.allocated: int | None = None  # bytes holding data, and when they were counted (st_blocks)
         self.counted_at = 0.0
 
     async def allocated_bytes(self) -> int:
@@ -55,7 +58,7 @@ class RawFile:
         return self.allocated
 
 
-def _fuse_errors(fn: Callable) -> Callable:
+def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn VhdxError (and stray OSError) into FUSEError with the right errno, logging the cause; with
     --debug, trace each request (file handle, offset, length).
 
@@ -64,7 +67,7 @@ def _fuse_errors(fn: Callable) -> Callable:
     """
 
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         if log.isEnabledFor(logging.DEBUG):
             shown = [a if not isinstance(a, bytes | memoryview) else f"<{len(a)} bytes>" for a in args[1:]]
             log.debug("%s%s", fn.__name__, tuple(shown))
@@ -133,10 +136,11 @@ class RawFilesOperations(pyfuse3.Operations):
         return attrs
 
     @_fuse_errors
-    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._file_attrs(inode)
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if parent_inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
@@ -146,7 +150,8 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self._file_attrs(f.inode)
 
-    async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext | None) -> pyfuse3.EntryAttributes:
         """Sizes are fixed (resize is an offline tool); times and modes are accepted and not stored."""
         if fields.update_size:
             f = self.files.get(inode)
@@ -156,12 +161,12 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._attrs(inode)
 
-    async def opendir(self, inode: int, ctx) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    async def readdir(self, fh: int, start_id: int, token) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for f in sorted(self.files.values(), key=lambda f: f.inode):
             if f.inode <= start_id:
                 continue
@@ -171,7 +176,7 @@ class RawFilesOperations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
-    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         bs = 4096
         s.f_bsize = s.f_frsize = bs
@@ -185,7 +190,7 @@ class RawFilesOperations(pyfuse3.Operations):
         return s
 
     # -- data ---------------------------------------------------------------------------------------------
-    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode not in self.files:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):
@@ -196,8 +201,10 @@ class RawFilesOperations(pyfuse3.Operations):
         # which keeps O_DIRECT users (a VM with cache=none) and buffered users coherent.
         return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False, nonseekable=False)
 
+    # pyfuse3's stub says read returns bytes; its handler takes any contiguous buffer (PyObject_GetBuffer in
+    # fuse_read_async), and the engine's reads are bytearrays we need not copy.
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int):
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         disk = self.files[fh].disk
         if off >= disk.size:
             return b""

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import functools
+import errno
 import os
 import signal
 from pathlib import Path
 
 import trio
 
-from ..errors import UsageError, VhdxError
-from ..service.daemon import daemonize, run_in_foreground
+from ..errors import Reason, UsageError, VhdxError
+from ..service.daemon import Ready, daemonize, run_in_foreground
 from ..service.records import STATE_DIR, read_record, wait_for_exit
 from .exports import export_name
 from .listeners import parse_address
@@ -29,7 +29,7 @@ def check_config(config: ServeConfig) -> None:
     names: dict[str, str] = {}
     for image in config.images:
         if not Path(image).is_file():
-            raise VhdxError("no such image file", path=image)
+            raise UsageError("no such image file", path=image, errno=errno.ENOENT)
         name = export_name(image)
         if name in names:
             raise UsageError(f"{image} and {names[name]} would both be exported as {name!r}; rename one",
@@ -64,7 +64,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if not config.listen and not config.socket:
         config.socket = default_socket(images)
     check_config(config)
-    service = functools.partial(trio.run, serve, config)
+
+    def service(ready: Ready) -> None:
+        trio.run(serve, config, ready)
+
     if args.foreground:
         return run_in_foreground(service, args.debug)
     log_file = state_file(config).with_suffix(".log")
@@ -93,14 +96,16 @@ def run_stop(args: argparse.Namespace) -> int:
     key = address_key(config)
     pid = read_record(state_file(config), key)
     if pid is None:
-        raise VhdxError("no vhdxfs NBD server is recorded as serving here", path=target)
+        raise UsageError("no vhdxfs NBD server is recorded as serving here", path=target, errno=errno.ESRCH)
     os.kill(pid, signal.SIGTERM)
     if not wait_for_exit(pid, STOP_TIMEOUT):
-        raise VhdxError(f"server {pid} is still closing the images after {STOP_TIMEOUT:.0f} s", path=target)
+        # The images are still the server's (locked) when this gives up waiting.
+        raise VhdxError(f"server {pid} is still closing the images after {STOP_TIMEOUT:.0f} s", path=target,
+                        errno=errno.ETIMEDOUT, reason=Reason.LOCKED)
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve", help="serve images over NBD",
         description="Serve each IMAGE as an NBD export named by its stem (disk.vhdx -> disk; with one image the "

@@ -29,8 +29,9 @@ async def handle_client(stream: trio.abc.Stream, exports: Exports, stopping: tri
             log.info("a client did not finish its handshake within %g s; disconnected", exports.handshake_timeout)
         if session is None:
             return
-        log.debug("a client uses export %s", session.export.name)
-        await Transmission(wire, session, exports.budget).run(stopping)
+        transmission = Transmission(wire, session, exports.budget)
+        log.debug("a client uses export %s", transmission.export.name)
+        await transmission.run(stopping)
     # trio nurseries raise exception groups: except* takes each kind out of them.
     except* Aborted as group:
         log.debug("negotiation ended: %s", group.exceptions[0])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..engine.aio import AsyncDisk
 from . import protocol as p
+from .budget import ByteBudget
 
 MAX_PAYLOAD = 32 << 20  # the largest READ or WRITE served (the protocol's interoperable maximum)
 
@@ -64,7 +65,7 @@ class Exports:
     by_name: dict[str, Export] = field(default_factory=dict)
     tls: ssl.SSLContext | None = None
     handshake_timeout: float = 30.0
-    budget: object = None  # transmission.ByteBudget: the data in flight of every connection together
+    budget: ByteBudget | None = None  # the data in flight of every connection together
 
     def find(self, name: str) -> Export | None:
         """The export called ``name``; the empty name is the default export when there is only one."""

@@ -34,10 +34,6 @@ class Session:
     contexts_for: str | None = None  # the export SET_META_CONTEXT chose its contexts for
     contexts: dict[int, str] = field(default_factory=dict)
 
-    @property
-    def flags(self) -> int:
-        return self.export.flags(self.structured)
-
 
 class Aborted(Exception):
     """The client ended the negotiation (NBD_OPT_ABORT), or must be disconnected."""
@@ -75,7 +71,7 @@ async def _option(wire: Wire, exports: Exports, session: Session, option: int, d
         if export is None:
             raise Aborted(f"no export called {data.decode(errors='replace')!r}")
         session.export = export
-        await wire.send(p.export_name_reply(export.size, session.flags, session.no_zeroes))
+        await wire.send(p.export_name_reply(export.size, export.flags(session.structured), session.no_zeroes))
         session.contexts = session.contexts if session.contexts_for == export.name else {}
         return True
     if option == p.OPT_ABORT:

@@ -9,6 +9,7 @@ and write the disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import UsageError, VhdxError
+from ..errors import Reason, UsageError, VhdxError
 
 DEFAULT_PORT = 10809
 SD_LISTEN_FDS_START = 3
@@ -49,7 +50,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UsageError(f"cannot resolve {host!r}: {exc.strerror}", field="--listen") from None
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
@@ -65,8 +66,9 @@ def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLCon
         if ca:
             context.load_verify_locations(ca)
             context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise VhdxError(f"cannot load the TLS certificate, key or CA: {exc}", path=cert) from None
+    except OSError as exc:  # an ssl.SSLError too: its errno is OpenSSL's, not the system's
+        code = exc.errno if exc.errno is not None and not isinstance(exc, ssl.SSLError) else errno.EINVAL
+        raise UsageError(f"cannot load the TLS certificate, key or CA: {exc}", path=cert, errno=code) from None
     return context
 
 
@@ -75,11 +77,13 @@ def unix_socket(path: str) -> socket.socket:
     target = Path(path)
     if target.exists() or target.is_symlink():
         if not stat.S_ISSOCK(target.lstat().st_mode):
-            raise VhdxError("exists and is not a socket; remove it or choose another --socket", path=path)
+            raise VhdxError("exists and is not a socket; remove it or choose another --socket", path=path,
+                            errno=errno.EEXIST, reason=Reason.EXISTS)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-            raise VhdxError("another server is listening on this socket", path=path)
+            raise VhdxError("another server is listening on this socket", path=path, errno=errno.EADDRINUSE,
+                            reason=Reason.EXISTS)
         except OSError:
             target.unlink()  # a stale socket of a server that is gone
         finally:
@@ -91,7 +95,7 @@ def unix_socket(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise VhdxError(f"cannot listen: {exc.strerror}", path=path) from None
+        raise VhdxError(f"cannot listen: {exc.strerror}", path=path, errno=exc.errno, reason=Reason.HOST_IO) from None
     finally:
         os.umask(old)
     sock.listen(128)
@@ -113,7 +117,8 @@ def tcp_sockets(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in out:
             sock.close()
-        raise VhdxError(f"cannot listen on {host or '*'}:{port}: {exc.strerror}") from None
+        raise VhdxError(f"cannot listen on {host or '*'}:{port}: {exc.strerror}", errno=exc.errno,
+                        reason=Reason.HOST_IO) from None
     return out
 
 

@@ -132,7 +132,7 @@ def utf8_prefix(text: str, limit: int = MAX_STRING) -> bytes:
 
 def parse_client_flags(data: bytes) -> int:
     _whole(data, 4, "client flags")
-    (flags,) = struct.unpack(">I", data)
+    flags: int = struct.unpack(">I", data)[0]
     if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
         raise ProtocolError(f"unknown client flags 0x{flags:x}")
     return flags

@@ -1,11 +1,11 @@
-"""The NBD server's lifecycle: open the images, listen, serve clients, and on SIGTERM close everything cleanly.
+"""The NBD server daemon: listen, open the images, serve clients, and on SIGTERM close everything cleanly.
 
 Every image is opened once, as an AsyncDisk, and shared by all connections (which is what lets the
 exports advertise CAN_MULTI_CONN). A writable image is locked exactly as a mounted one, so a second
 writer, mount or server, is refused. Stopping (SIGTERM/SIGINT/SIGHUP, or ``vhdxfs stop``): the listeners
 close, each connection stops reading requests and finishes those in flight, then every image is flushed
-and closed (log applied, LogGuid cleared) and the pid record removed. Signals are watched for the whole
-life of the daemon, so a second one cannot cut the close short.
+and closed (log applied, LogGuid cleared) and the pid record removed. The sequence is the one every daemon
+lives (service/lifecycle.py); this module gives it what the server opens.
 """
 
 from __future__ import annotations
@@ -14,20 +14,21 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from ..engine.aio import close_disks, open_disks
-from ..errors import VhdxError
+from ..errors import UsageError
 from ..service.daemon import Ready
-from ..service.notify import sd_notify
-from ..service.records import record_path, write_record
-from ..service.signals import run_until_stopped
+from ..service.lifecycle import Life, Serving, run_daemon
+from ..service.records import record_path
 from . import listeners as lsn
+from .budget import SERVER_BUDGET, ByteBudget
 from .connection import handle_client
 from .exports import Export, Exports, export_name
-from .transmission import SERVER_BUDGET, ByteBudget
 
 log = logging.getLogger("vhdxfs.nbd")
 
@@ -53,16 +54,21 @@ def address_key(config: ServeConfig) -> str:
     if config.listen:
         host, port = lsn.parse_address(config.listen)
         return f"tcp:{host}:{port}"
-    return f"unix:{os.path.realpath(config.socket)}"
+    return f"unix:{os.path.realpath(_socket_path(config))}"
 
 
-def state_file(config: ServeConfig):
+def _socket_path(config: ServeConfig) -> str:
+    if not config.socket:
+        raise UsageError("give --socket or --listen", field="--socket")
+    return config.socket
+
+
+def state_file(config: ServeConfig) -> Path:
     return record_path(address_key(config), ".nbd.pid")
 
 
-def _listening_sockets(config: ServeConfig, tls: bool) -> tuple[list, str | None]:
+def _listening_sockets(config: ServeConfig) -> tuple[list[socket.socket], str | None]:
     """The sockets to serve on, and the unix socket path this server made (to remove when it stops)."""
-    made = None
     socks = lsn.inherited_sockets()
     if socks:  # socket activation: the server is known by the socket systemd gave it (records, vhdxfs stop)
         name = socks[0].getsockname()
@@ -71,88 +77,61 @@ def _listening_sockets(config: ServeConfig, tls: bool) -> tuple[list, str | None
         else:
             host = name[0]
             config.listen = f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
-    else:
-        if config.listen:
-            socks = lsn.tcp_sockets(*lsn.parse_address(config.listen))
-        else:
-            socks, made = [lsn.unix_socket(config.socket)], config.socket
-    try:
-        for sock in socks:
-            lsn.check_plaintext(sock, tls, config.insecure_no_tls)
-    except BaseException:
-        lsn.close_all(socks)
-        raise
-    return socks, made
+        return socks, None
+    if config.listen:
+        return lsn.tcp_sockets(*lsn.parse_address(config.listen)), None
+    path = _socket_path(config)
+    return [lsn.unix_socket(path)], path
 
 
-class Clients:
-    """The server's connections, so a stop can tell each to finish what it has in flight."""
+def _close_sockets(socks: list[socket.socket], made: str | None) -> None:
+    """The listening sockets, and the unix socket this server made (an inherited one stays: systemd's)."""
+    lsn.close_all(socks)
+    if made:
+        with contextlib.suppress(OSError):
+            os.unlink(made)
 
-    def __init__(self) -> None:
-        self.stopping = trio.Event()
+
+async def _close_listeners(listeners: list[trio.SocketListener]) -> None:
+    for listener in listeners:
+        await listener.aclose()
 
 
 async def serve(config: ServeConfig, ready: Ready) -> None:
-    """Open, listen, call ``ready(None)`` (or ``ready(message)`` on failure), serve until told to stop."""
-    clients = Clients()
-
-    def on_signal(name: str) -> None:
-        log.info("%s: finishing the requests in flight, then closing the images", name)
-        clients.stopping.set()
-
-    await run_until_stopped(functools.partial(_serve, config, ready, clients), on_signal)
+    """Open, listen, call ``ready(None)`` (or ``ready(error)`` on failure), serve until told to stop."""
+    await run_daemon(ready, functools.partial(_start, config),
+                     stop_message="finishing the requests in flight, then closing the images")
 
 
-async def _serve(config: ServeConfig, ready: Ready, clients: Clients) -> None:
-    try:
-        tls = lsn.tls_context(config.tls_cert, config.tls_key, config.tls_ca)
-        socks, made = _listening_sockets(config, tls is not None)
-    except VhdxError as exc:
-        ready(str(exc))
-        return
-    try:
-        disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
-    except VhdxError as exc:
-        lsn.close_all(socks)
-        if made:
-            with contextlib.suppress(OSError):
-                os.unlink(made)
-        ready(str(exc))
-        return
+async def _start(config: ServeConfig, life: Life) -> Serving:
+    """Enter the listening sockets, the disks, the connections' nursery and the accept loops on the
+    daemon's stack (service/lifecycle.py). At the close, in reverse: the listeners stop accepting, each
+    connection sees ``life.stopping``, finishes its requests and ends (the nursery waits for them), the
+    images close, the socket file goes."""
+    tls = lsn.tls_context(config.tls_cert, config.tls_key, config.tls_ca)
+    socks, made = _listening_sockets(config)
+    life.callback(_close_sockets, socks, made)
+    for sock in socks:
+        lsn.check_plaintext(sock, tls is not None, config.insecure_no_tls)
+    disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
+    life.on_close(close_disks, disks)
     exports = Exports({export_name(d.path): Export(export_name(d.path), d) for d in disks}, tls,
                       config.handshake_timeout)
     exports.budget = ByteBudget(SERVER_BUDGET)  # the data in flight of all connections: bounded with many
-    pidfile = state_file(config)
-    try:
-        async with trio.open_nursery() as nursery:
-            listeners = lsn.trio_listeners(socks)
-            for listener in listeners:
-                nursery.start_soon(_accept, listener, exports, clients, nursery)
-            try:
-                write_record(pidfile, address_key(config))
-            except OSError as exc:
-                log.warning("cannot record the daemon pid in %s: %s", pidfile, exc)
-            log.info("serving %s on %s", ", ".join(exports.by_name), address_key(config))
-            ready(None)
-            sd_notify("READY=1\nSTATUS=serving " + ", ".join(exports.by_name))
-            await clients.stopping.wait()
-            sd_notify("STOPPING=1")
-            for listener in listeners:
-                await listener.aclose()
-            # The connections see `stopping`, finish their requests and close: the nursery waits for them.
-    finally:
-        with trio.CancelScope(shield=True):
-            await close_disks(disks)
-        if made:
-            try:
-                os.unlink(made)
-            except OSError:
-                pass
-        pidfile.unlink(missing_ok=True)
+    connections = await life.enter(trio.open_nursery())
+    listeners = lsn.trio_listeners(socks)
+    for listener in listeners:
+        connections.start_soon(_accept, listener, exports, life.stopping, connections)
+    life.on_close(_close_listeners, listeners)
+    names = ", ".join(exports.by_name)
+    key = address_key(config)
+    return Serving(record=state_file(config), key=key, status=f"serving {names}", announce=f"serving {names} on {key}",
+                   serve=life.stopping.wait)
 
 
-async def _accept(listener: trio.SocketListener, exports: Exports, clients: Clients, nursery) -> None:
-    while not clients.stopping.is_set():
+async def _accept(listener: trio.SocketListener, exports: Exports, stopping: trio.Event,
+                  nursery: trio.Nursery) -> None:
+    while not stopping.is_set():
         try:
             stream = await listener.accept()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -161,4 +140,4 @@ async def _accept(listener: trio.SocketListener, exports: Exports, clients: Clie
             log.warning("accept: %s", exc)
             await trio.sleep(0.1)
             continue
-        nursery.start_soon(handle_client, stream, exports, clients.stopping)
+        nursery.start_soon(handle_client, stream, exports, stopping)

@@ -19,38 +19,17 @@ import trio
 
 from ..engine import Kind
 from ..errors import VhdxError
+from . import admission
 from . import protocol as p
-from .exports import MAX_PAYLOAD
+from .budget import BUDGET, SERVER_BUDGET, ByteBudget
+from .exports import MAX_PAYLOAD, Export
 from .handshake import Session
-from .wire import Closed, Wire, cancel_when_set
+from .wire import Closed, Parts, Wire, cancel_when_set
 
 log = logging.getLogger("vhdxfs.nbd")
 STOP_GRACE = 2.0  # once the server stops, how long replies may wait for a client to take them
-BUDGET = 64 << 20  # data bytes of one connection's requests in flight
-SERVER_BUDGET = 160 << 20  # ... and of every connection together (Exports.budget)
 MAX_IN_FLIGHT = 256  # requests of one connection in flight
-BLOCK_STATUS_COST = 64 << 10  # budget taken by a block status reply
 MAX_DESCRIPTORS = 1 << 16  # per block status reply (the protocol's limit is 2**20)
-_WRITING = {p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES}
-
-
-class ByteBudget:
-    """At most ``limit`` bytes taken at once; a request larger than the limit runs alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed = trio.Event()
-
-    async def acquire(self, n: int) -> None:
-        while self.used and self.used + n > self.limit:
-            await self._freed.wait()
-        self.used += n
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        self._freed.set()
-        self._freed = trio.Event()
 
 
 def wire_error(exc: BaseException) -> int:
@@ -69,10 +48,12 @@ class Transmission:
     """One connection's transmission phase."""
 
     def __init__(self, wire: Wire, session: Session, shared: ByteBudget | None = None) -> None:
+        if session.export is None:
+            raise ValueError("transmission starts once the client has chosen an export")
         self.wire = wire
         self.session = session
-        self.export = session.export
-        self.disk = session.export.disk
+        self.export: Export = session.export
+        self.disk = self.export.disk
         # Two budgets: this connection's own, so one client that never reads its replies holds at most
         # BUDGET, and the server's, so many connections together stay under SERVER_BUDGET.
         self.budget = ByteBudget(BUDGET)
@@ -106,7 +87,7 @@ class Transmission:
             nursery.cancel_scope.cancel()
 
     async def _read_requests(self, handlers: trio.Nursery) -> None:
-        taken = None
+        taken: int | None = None
         try:
             while True:
                 request = p.parse_request(await self.wire.exactly(p.REQUEST_SIZE))
@@ -115,7 +96,7 @@ class Transmission:
                 if request.type == p.CMD_WRITE and request.length > MAX_PAYLOAD:
                     raise p.ProtocolError(f"a WRITE of {request.length} bytes, more than {MAX_PAYLOAD}")
                 await self.slots.acquire()
-                cost = self._cost(request)
+                cost = admission.cost(request)
                 taken = 0  # the slot at least is given back below if no reply will give it back
                 await self.budget.acquire(cost)
                 try:
@@ -124,7 +105,7 @@ class Transmission:
                     self.budget.release(cost)
                     raise
                 taken = cost
-                refusal = self._refusal(request)
+                refusal = admission.refusal(request, self.export, self.session)
                 if request.type == p.CMD_READ and not refusal:
                     data = self.disk.read_now(request.offset, request.length) if request.length else None
                     if data is not None:  # served here: no task, no trip through the scheduler
@@ -135,11 +116,10 @@ class Transmission:
                 if request.type == p.CMD_WRITE:
                     payload = await self.wire.payload(request.length)
                 taken = None
-                if request.type == p.CMD_WRITE:
-                    if not request.flags & p.CMD_FLAG_FUA and not refusal \
-                            and self.disk.write_now(request.offset, payload):
-                        self.wire.queue(self._ok(request), functools.partial(self._done, cost))
-                        continue
+                if payload is not None and not request.flags & p.CMD_FLAG_FUA and not refusal \
+                        and self.disk.write_now(request.offset, payload):
+                    self.wire.queue(self._ok(request), functools.partial(self._done, cost))
+                    continue
                 handlers.start_soon(self._serve, request, refusal, payload, cost)
         except Closed as exc:
             log.debug("client gone: %s", exc)
@@ -149,15 +129,9 @@ class Transmission:
             if taken is not None:
                 self._done(taken)
 
-    @staticmethod
-    def _cost(request: p.Request) -> int:
-        if request.type in (p.CMD_READ, p.CMD_WRITE):
-            return min(request.length, MAX_PAYLOAD)
-        return BLOCK_STATUS_COST if request.type == p.CMD_BLOCK_STATUS else 0
-
     async def _serve(self, request: p.Request, refusal: int, payload: bytes | None, cost: int) -> None:
         """Run one request and queue its reply; its budget and slot are given back once the reply is sent."""
-        reply: tuple = ()
+        reply: Parts = ()
         try:
             reply = self._error(request, refusal) if refusal else await self._dispatch(request, payload)
         except VhdxError as exc:
@@ -172,29 +146,14 @@ class Transmission:
         self.budget.release(cost)
         self.slots.release()
 
-    def _refusal(self, request: p.Request) -> int:
-        """The error a request gets before it runs (0: none)."""
-        allowed = p.ALLOWED_FLAGS.get(request.type)
-        if allowed is None or request.flags & ~allowed:
-            return p.EINVAL  # an unknown command, or a flag it does not take
-        if request.type in _WRITING and self.export.read_only:
-            return p.EPERM
-        if request.type == p.CMD_BLOCK_STATUS and (not self.session.contexts or not request.length):
-            return p.EINVAL
-        if request.type == p.CMD_READ and request.length > MAX_PAYLOAD:
-            return p.EOVERFLOW if request.flags & p.CMD_FLAG_DF else p.EINVAL
-        if request.type != p.CMD_FLUSH and request.offset + request.length > self.export.size:
-            return p.ENOSPC if request.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL
-        return 0
-
-    async def _dispatch(self, request: p.Request, payload: bytes | None) -> tuple:
+    async def _dispatch(self, request: p.Request, payload: bytes | None) -> Parts:
         """Run the request; the parts of its reply."""
         disk, kind, offset, length = self.disk, request.type, request.offset, request.length
         if kind == p.CMD_READ:
             return self._read_reply(request, await disk.read(offset, length) if length else b"")
         if kind == p.CMD_BLOCK_STATUS:
             return (p.block_status_chunk(request.cookie, 1, await self._status(request)),)
-        if kind == p.CMD_WRITE and length:
+        if kind == p.CMD_WRITE and length and payload is not None:
             await disk.write(offset, payload)
         elif kind == p.CMD_FLUSH:
             await disk.flush()
@@ -206,7 +165,7 @@ class Transmission:
                 return self._error(request, p.ENOTSUP, "zeroing this range is no faster than writing zeros")
             await disk.write_zeroes(offset, length, unmap=unmap)
         # CMD_CACHE: nothing to do; the host's page cache serves what is read next.
-        if request.flags & p.CMD_FLAG_FUA and kind in _WRITING:
+        if request.flags & p.CMD_FLAG_FUA and kind in admission.WRITING:
             await disk.flush()
         return self._ok(request)
 
@@ -234,7 +193,7 @@ class Transmission:
             descriptors = descriptors[:1]
         return descriptors
 
-    def _read_reply(self, request: p.Request, data: bytes | bytearray) -> tuple:
+    def _read_reply(self, request: p.Request, data: bytes | bytearray) -> Parts:
         if self.session.structured:
             if not request.length:  # a content chunk must describe at least one byte
                 return (p.none_chunk(request.cookie),)
@@ -242,10 +201,10 @@ class Transmission:
         return p.simple_reply(request.cookie), data
 
     @staticmethod
-    def _ok(request: p.Request) -> tuple:
+    def _ok(request: p.Request) -> Parts:
         return (p.simple_reply(request.cookie),)  # allowed for any reply without data, structured or not
 
-    def _error(self, request: p.Request, error: int, message: str = "") -> tuple:
+    def _error(self, request: p.Request, error: int, message: str = "") -> Parts:
         if self.session.structured:
             return (p.error_chunk(request.cookie, error, message),)
         return (p.simple_reply(request.cookie, error),)

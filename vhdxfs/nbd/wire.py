@@ -15,6 +15,8 @@ from collections.abc import Callable
 import trio
 
 RECEIVE_SIZE = 256 << 10
+Chunk = bytes | bytearray | memoryview
+Parts = tuple[Chunk, ...]  # one message, as the pieces it is sent from
 
 
 class Closed(Exception):
@@ -26,7 +28,7 @@ class Wire:
         self.stream = stream
         self._buffer = bytearray()
         self._send_lock = trio.Lock()
-        self._out: list[bytes | bytearray | memoryview] = []
+        self._out: list[Chunk] = []
         self._sent_callbacks: list[Callable[[], None]] = []
         self._wake_sender = trio.Event()
         self._closing = False
@@ -58,9 +60,10 @@ class Wire:
     async def payload(self, n: int) -> bytes:
         """A write's ``n`` bytes of data (up to 32 MiB) as one ``bytes``: joined once from what arrives, so the
         engine's write-back queue can keep it without copying it again."""
-        parts = [bytes(self._buffer[:n])]
+        first = bytes(self._buffer[:n])
         del self._buffer[:n]
-        have = len(parts[0])
+        rest: list[bytes | bytearray] = []
+        have = len(first)
         while have < n:
             try:
                 data = await self.stream.receive_some(n - have)
@@ -68,11 +71,11 @@ class Wire:
                 raise Closed(str(exc)) from None
             if not data:
                 raise Closed("the client closed the connection in the middle of a write's data")
-            parts.append(data)
+            rest.append(data)
             have += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join([first, *rest]) if rest else first
 
-    async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+    async def send(self, *parts: Chunk) -> None:
         """Send one message made of ``parts``, never interleaved with another; Closed if the peer is gone."""
         async with self._send_lock:
             try:
@@ -82,7 +85,7 @@ class Wire:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise Closed(str(exc)) from None
 
-    def queue(self, parts: tuple, on_sent: Callable[[], None] | None = None) -> None:
+    def queue(self, parts: Parts, on_sent: Callable[[], None] | None = None) -> None:
         """Send one message: at once when nothing waits before it and the socket takes it all, else through
         the sender task. ``on_sent`` runs once it is written (or the peer is gone)."""
         if not self._out and not self._sending and self._fd >= 0:
@@ -98,7 +101,7 @@ class Wire:
 
     async def sender(self) -> None:
         """Write queued messages until ``finish_sending``, gathering all that wait into one system call."""
-        sock = getattr(self.stream, "socket", None)  # a plain socket stream can gather; TLS cannot
+        sock: trio.socket.SocketType | None = getattr(self.stream, "socket", None)  # plain: gathers; TLS cannot
         broken = False
         while True:
             await self._wake_sender.wait()
@@ -146,7 +149,7 @@ async def cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _send_gathered(sock, parts: list) -> None:
+async def _send_gathered(sock: trio.socket.SocketType, parts: list[Chunk]) -> None:
     """sendmsg all of ``parts``, resuming after partial sends."""
     views = [memoryview(part).cast("B") for part in parts if len(part)]
     while views:
@@ -160,7 +163,7 @@ async def _send_gathered(sock, parts: list) -> None:
                 sent = 0
 
 
-def _write_now(fd: int, parts: tuple) -> tuple:
+def _write_now(fd: int, parts: Parts) -> Parts:
     """writev as much of ``parts`` as the socket takes without blocking; what is left (empty when all went)."""
     try:
         sent = os.writev(fd, [part for part in parts if len(part)][:1024])
@@ -168,7 +171,7 @@ def _write_now(fd: int, parts: tuple) -> tuple:
         return parts
     except OSError:
         return parts  # broken: the sender task meets the error again and drops the replies
-    out = []
+    out: list[Chunk] = []
     for part in parts:
         if sent >= len(part):
             sent -= len(part)

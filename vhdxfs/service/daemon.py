@@ -1,44 +1,61 @@
 """Starting a daemon that tells its starter when it is ready, as `vhdxfs mount` and `vhdxfs serve` do.
 
 The command forks; the child detaches (own session, no terminal, working directory /) and runs the
-service, which calls ``ready(None)`` once it serves or ``ready(message)`` when it cannot; the parent
-waits on a pipe for that word and exits 0, or fails with the message. So a script may use the mount or
-the socket as soon as the command returns.
+service, which calls ``ready(None)`` once it serves or ``ready(error)`` when it cannot; the parent waits on
+a pipe for that word and exits 0, or raises the error. So a script may use the mount or the socket as soon
+as the command returns. The error crosses the pipe whole (message, errno and ``reason``), so the starter
+raises what the daemon met, not a bare message.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import VhdxError
+from ..errors import Reason, VhdxError
 from .logs import discard_boring_log, setup_logging
 
 log = logging.getLogger("vhdxfs")
 
-# Called once: None when the service is ready, or a one-line message saying why it could not start.
-Ready = Callable[[str | None], None]
+# Called once: None when the service is ready, or the error that kept it from starting.
+Ready = Callable[[VhdxError | None], None]
 
 
 def run_in_foreground(service: Callable[[Ready], None], debug: bool) -> int:
-    """Run ``service`` here, logging to stderr; its failure message becomes the command's error."""
+    """Run ``service`` here, logging to stderr; the error that kept it from starting is the command's."""
     setup_logging(True, debug)
-    failure: list[str] = []
+    failure: list[VhdxError] = []
 
-    def ready(message: str | None) -> None:
-        if message:
-            failure.append(message)
+    def ready(error: VhdxError | None) -> None:
+        if error is not None:
+            failure.append(error)
 
     service(ready)
     if failure:
-        raise VhdxError(failure[0])
+        raise failure[0]
     return 0
 
 
+def encode_failure(error: VhdxError) -> bytes:
+    """What the child writes on the pipe when it cannot start (``decode_failure`` reads it)."""
+    return b"error:" + json.dumps({"message": str(error), "errno": error.errno, "reason": error.reason}).encode()
+
+
+def decode_failure(text: str) -> VhdxError:
+    """The error a child wrote with ``encode_failure``; a message of any other shape is kept as it is."""
+    body = text.removeprefix("error:").strip()
+    try:
+        fields = json.loads(body)
+        return VhdxError(str(fields["message"]), errno=int(fields["errno"]), reason=Reason(fields["reason"]))
+    except (ValueError, KeyError, TypeError):
+        return VhdxError(body, reason=Reason.INTERNAL)
+
+
 def daemonize(service: Callable[[Ready], None], *, what: str, debug: bool, log_file: Path | None) -> int:
-    """Fork; the child runs ``service``, the parent returns 0 once it is ready, or raises its message."""
+    """Fork; the child runs ``service``, the parent returns 0 once it is ready, or raises its error."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -49,8 +66,8 @@ def daemonize(service: Callable[[Ready], None], *, what: str, debug: bool, log_f
             return 0
         if not message:
             _, status = os.waitpid(pid, 0)
-            message = f"the {what} daemon died (status {status}) before it was ready"
-        raise VhdxError(message.removeprefix("error:").strip())
+            raise VhdxError(f"the {what} daemon died (status {status}) before it was ready", reason=Reason.INTERNAL)
+        raise decode_failure(message)
     # Child: a session of its own, no terminal, no busy working directory, logging to syslog.
     os.close(read_fd)
     os.setsid()
@@ -62,11 +79,11 @@ def daemonize(service: Callable[[Ready], None], *, what: str, debug: bool, log_f
         os.close(devnull)
     setup_logging(False, debug, log_file)
 
-    def ready(message: str | None) -> None:
+    def ready(error: VhdxError | None) -> None:
         nonlocal write_fd
         if write_fd < 0:
             return
-        os.write(write_fd, b"ok\n" if message is None else b"error:" + message.encode())
+        os.write(write_fd, b"ok\n" if error is None else encode_failure(error))
         os.close(write_fd)
         write_fd = -1
 
@@ -75,7 +92,7 @@ def daemonize(service: Callable[[Ready], None], *, what: str, debug: bool, log_f
         service(ready)
     except BaseException as exc:  # the daemon's last words go to the log, and to the parent if it waits
         log.exception("daemon failed")
-        ready(f"{what} daemon failed: {exc}")
+        ready(VhdxError(f"{what} daemon failed: {exc}", reason=Reason.INTERNAL))
         code = 1
     if code == 0:
         discard_boring_log()

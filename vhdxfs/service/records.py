@@ -66,6 +66,13 @@ def read_record(path: Path, key: str) -> int | None:
     return pid
 
 
+def remove_record(path: Path, key: str) -> None:
+    """Remove this process's record of ``key``; a record another daemon has written since (a new mount on
+    the directory a lazily unmounted daemon leaves) is theirs and stays."""
+    if read_record(path, key) == os.getpid():
+        path.unlink(missing_ok=True)
+
+
 def wait_for_exit(pid: int, timeout: float) -> bool:
     """Wait until ``pid`` has exited (a zombie counts: it has closed everything); False on time-out."""
     deadline = time.monotonic() + timeout

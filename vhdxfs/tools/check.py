@@ -19,7 +19,7 @@ from ..errors import VhdxError
 CLEAN, COULD_NOT_CHECK, INCONSISTENT = 0, 1, 2
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "check", help="check an image for consistency (and repair it)",
         description="Check headers, region tables, metadata, the log and every BAT entry. Never writes to the "

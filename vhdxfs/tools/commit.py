@@ -13,7 +13,7 @@ from ..sizes import format_size
 from .progress import progress
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "commit", help="merge a differencing child into its parent",
         description="Write everything the differencing image CHILD holds into its parent, so the parent reads "

@@ -13,7 +13,7 @@ from ..sizes import format_size
 from .progress import progress
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("compact", help="give the space of all-zero blocks back to the host",
                               description="Make payload blocks that read entirely as zeros take no space: they "
                                           "become ZERO blocks and their space is punched out of the image file. "

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..engine import Disk, ImageSpec, Kind, create_image
-from ..errors import HostIOError, UsageError, VhdxError
+from ..errors import HostIOError, Reason, UsageError, VhdxError
 from ..sizes import format_size, parse_size
 from .progress import progress
 
@@ -89,7 +89,8 @@ def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | No
             parent: str | None = None) -> int:
     """Copy the virtual contents of ``src`` into a new ``dst``; returns the bytes of data written."""
     if Path(dst).exists():
-        raise VhdxError("already exists; remove it first or pick another name", path=dst)
+        raise VhdxError("already exists; remove it first or pick another name", path=dst, errno=errno.EEXIST,
+                        reason=Reason.EXISTS)
     source = VhdxSource(Disk.open(src, read_only=True, parent=parent)) if is_vhdx(src) else RawSource(src)
     written = 0
     try:
@@ -130,7 +131,7 @@ def convert(src: str, dst: str, disk_type: str = "dynamic", block_size: int | No
     return written
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("convert", help="convert raw <-> VHDX",
                               description="Convert between raw and VHDX, by extension (.vhdx/.avhdx are VHDX, "
                                           "anything else is raw). The output is sparse; DST must not exist.")

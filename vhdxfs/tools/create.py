@@ -9,7 +9,7 @@ from ..errors import UsageError
 from ..sizes import format_size, parse_size
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "create", help="create a new VHDX image",
         description="Create a new, empty VHDX image. Sizes take binary suffixes: 512M, 10G, 2T. With --parent, "

@@ -34,7 +34,7 @@ def format_human(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("info", help="show what an image is",
                               description="Show an image's type, sizes, GUIDs and log state. Never writes to "
                                           "the image; a dirty log is replayed in memory only.")

@@ -5,27 +5,43 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import NotRequired, TypedDict
 
 from ..sizes import format_size
 
 
-def extents_as_qemu_map(path: str, parent: str | None = None) -> list[dict]:
+class MapItem(TypedDict):
+    """One object of qemu-img map's JSON output, plus the file of the chain that holds the range."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: NotRequired[int]  # where the data lies in the file: only for data
+    layer: str
+
+
+def extents_as_qemu_map(path: str, parent: str | None = None) -> list[MapItem]:
     """qemu-img map's JSON objects (start, length, depth, present, zero, data, offset) plus ``layer``."""
     from ..engine import Disk, Kind
 
     out = []
     with Disk.open(path, read_only=True, parent=parent) as disk:
         for e in disk.extents():
-            item = {"start": e.offset, "length": e.length, "depth": e.depth,
-                    "present": e.kind != Kind.HOLE, "zero": e.kind != Kind.DATA, "data": e.kind == Kind.DATA}
-            if e.kind == Kind.DATA:
-                item["offset"] = e.file_offset
-            item["layer"] = str(e.layer)
+            item: MapItem
+            if e.kind == Kind.DATA:  # the keys in qemu-img's order, ``layer`` last
+                item = {"start": e.offset, "length": e.length, "depth": e.depth, "present": True, "zero": False,
+                        "data": True, "offset": e.file_offset, "layer": str(e.layer)}
+            else:
+                item = {"start": e.offset, "length": e.length, "depth": e.depth, "present": e.kind != Kind.HOLE,
+                        "zero": True, "data": False, "layer": str(e.layer)}
             out.append(item)
     return out
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "map", help="show which ranges of the disk hold data",
         description="List the extents of IMAGE's virtual disk: data (with the file offset where it lies), zero "

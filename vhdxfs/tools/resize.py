@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..sizes import format_size, parse_size
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "resize", help="change the virtual size of an image",
         description="Grow (or with --shrink, shrink) the virtual disk of IMAGE to SIZE (binary suffixes: 512M, "

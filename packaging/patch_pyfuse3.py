@@ -11,7 +11,7 @@ Usage: python packaging/patch_pyfuse3.py SRC_DIR   (an unpacked pyfuse3-3.5.0 sd
    each handler in the task that read its request, and starts another reading task only when a handler
    really has to wait (a disk read in a worker thread, a flush). It also lets go of the GIL while it reads
    a request: the kernel copies a whole 1 MiB write in there, and the write-back thread can run meanwhile.
-   README "Performance" has the figures.
+   docs/performance.md ("What the profiles showed") has the figures.
 
 3. lseek: pyfuse3 has no handler either, so SEEK_DATA / SEEK_HOLE on a raw file could not see the holes
    (cp, tar -S, qemu-img convert and nbdcopy look for them). The handler calls

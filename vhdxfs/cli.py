@@ -17,7 +17,7 @@ from .errors import VhdxError
 
 # Every command, in the order --help lists them: (name, the module whose register() adds it, one-line help).
 # Only the module of the command being run is imported, so `vhdxfs info` never loads trio or FUSE, and
-# `vhdxfs --help` loads no command module at all (README "Command line": start-up times).
+# `vhdxfs --help` loads no command module at all (docs/commands.md, "Start-up").
 COMMANDS = (
     ("mount", "vhdxfs.mount.command", "mount images as raw files"),
     ("umount", "vhdxfs.mount.command", "unmount, after every image is flushed and closed"),

@@ -34,10 +34,14 @@ class Reason(StrEnum):
     PARENT_CHAIN = "parent-chain"  # a loop, or deeper than we follow
     # Using an image.
     LOCKED = "locked"
+    DENIED = "denied"  # the host's permissions or settings refuse it (errno EACCES or EPERM)
+    NOT_FOUND = "not-found"  # a file named on the command line is not there
     READ_ONLY = "read-only"
     OUT_OF_RANGE = "out-of-range"
     CLOSED = "closed"
     HOST_IO = "host-io"  # the host file system failed an operation; errno says how
+    TIMED_OUT = "timed-out"  # waited as long as promised, and it is still not done
+    INTERRUPTED = "interrupted"  # a stop signal came first
     # Asking for something that cannot be done.
     BAD_ARGUMENT = "bad-argument"
     EXISTS = "exists"

@@ -1,6 +1,6 @@
 """benchmarks/run-side-by-side: plain fio, vhdxfs and qemu-storage-daemon mounted at the same time.
 
-The second harness of README "Performance" (the first is benchmarks/run, harness/fuse.py): both daemons serve
+The second harness of docs/performance.md (the first is benchmarks/run, harness/fuse.py): both daemons serve
 their own copy of one image for the whole run, as a user would run them, and plain fio jobs visit them A B B A:
 
   qemu-img create -q -f vhdx img.vhdx SIZE; cp img.vhdx a.vhdx; cp img.vhdx b.vhdx

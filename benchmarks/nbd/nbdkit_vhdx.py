@@ -3,7 +3,7 @@
     nbdkit --unix SOCK python benchmarks/nbd/nbdkit_vhdx.py image=disk.vhdx [readonly=1]
 
 nbdkit brings the protocol, TLS and socket activation; each request calls into Python from one of nbdkit's
-threads, where vhdxfs.engine.Disk does the I/O in that thread (README "Serving over NBD" has the figures
+threads, where vhdxfs.engine.Disk does the I/O in that thread (docs/performance.md, "NBD", has the figures
 that decided for the trio server inside the daemon instead).
 """
 

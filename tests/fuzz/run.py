@@ -12,7 +12,7 @@ run, minimize into the committed corpus with libFuzzer's merge:
     python -m tests.fuzz.run TARGET --merge
 
 Limits per input: 10 s of CPU time (guards.cpu_limit), -rss_limit_mb=2048, inputs of at most 1 KiB
-(-max_len). Long runs are meant for `nice -n 19` in the background (README "Reliability").
+(-max_len). Long runs are meant for `nice -n 19` in the background (docs/reliability.md, "Coverage-guided fuzzing").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each file of tests/fuzz/corpus/TARGET/ and tests/fuzz/crashes/TARGET/ goes through the same target
 function the fuzzer ran (tests/fuzz/targets.py), within the per-input bounds of tests/fuzz/guards.py.
-The long coverage-guided runs are tests/fuzz/run.py's (README "Reliability").
+The long coverage-guided runs are tests/fuzz/run.py's (docs/reliability.md, "Coverage-guided fuzzing").
 """
 
 from __future__ import annotations

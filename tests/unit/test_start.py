@@ -1,4 +1,4 @@
-"""Fast start: a command imports only what it runs (README "Command line" has the timings). The modules are
+"""Fast start: a command imports only what it runs (docs/commands.md, "Start-up", has the timings). The modules are
 checked, not the time: `vhdxfs --help` loads no command, `info`, `check` and `map` load neither trio nor
 FUSE nor the machinery behind package metadata."""
 

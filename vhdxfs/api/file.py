@@ -2,10 +2,10 @@
 
 DiskFile is an ``io.RawIOBase``: readinto, write, seek, tell, flush, close, the context manager, and
 everything io builds on them (``io.BufferedRandom(disk)``, shutil.copyfileobj, tarfile, zipfile...). It
-is a thin layer over the engine's synchronous ``Disk`` (README "Design"), so it follows the mount's rules:
-a writable open locks the image against every other writer, a read-only one shares the image with other
-readers (a dirty log is replayed in memory), a write is durable once ``flush`` returns, and closing
-leaves a clean image. Thread-safe: each call is one engine operation under the Disk's lock, and the
+is a thin layer over the engine's synchronous ``Disk`` (docs/design.md, "The engine API"), so it follows
+the mount's rules: a writable open locks the image against every other writer, a read-only one shares the
+image with other readers (a dirty log is replayed in memory), a write is durable once ``flush`` returns,
+and closing leaves a clean image. Thread-safe: each call is one engine operation under the Disk's lock, and the
 position is kept per file object under the same lock.
 
 Like a block device, the size is fixed: reads stop at the end, a write that would cross it is cut

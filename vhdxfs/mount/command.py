@@ -57,7 +57,7 @@ def check_arguments(config: MountConfig) -> None:
     names: dict[str, str] = {}
     for image in config.images:
         if not Path(image).is_file():
-            raise UsageError("no such image file", path=image, errno=errno.ENOENT)
+            raise UsageError("no such image file", path=image, errno=errno.ENOENT, reason=Reason.NOT_FOUND)
         name = raw_name(image)
         if name in names:
             raise UsageError(f"{image} and {names[name]} would both appear as {name}; rename one", field="IMAGE")
@@ -102,7 +102,8 @@ def check_plain_user(config: MountConfig) -> None:
     """What fusermount3 (or opening the images) would refuse a user other than root, said before anything is
     mounted, with what to do about it: today's failures are only "fuse_session_mount failed" or a bare
     "Permission denied". Root passes all of these, so this is not called for root. Each refusal is the
-    host's (its permissions and settings), so its reason is HOST_IO and its errno says which kind."""
+    host's (its permissions and settings), so its reason is DENIED (or HOST_IO where a device is missing) and
+    its errno says which kind."""
     try:
         dev = os.stat(FUSE_DEVICE)
     except FileNotFoundError:
@@ -118,7 +119,7 @@ def check_plain_user(config: MountConfig) -> None:
             via_group = f"make it 0660 and add you to its group {group}"
         raise VhdxError(f"you may not read and write it ({stat.filemode(dev.st_mode)} {_owner(dev)}:{group}), so "
                         f"FUSE cannot mount for you; an administrator can make it 0666 (as Debian's udev rule "
-                        f"does) or {via_group}", path=FUSE_DEVICE, errno=errno.EACCES, reason=Reason.HOST_IO)
+                        f"does) or {via_group}", path=FUSE_DEVICE, errno=errno.EACCES, reason=Reason.DENIED)
     wants = [opt for opt in ("allow_other", "allow_root")
              if opt in config.fuse_options or (opt == "allow_other" and config.allow_other)]
     if wants:
@@ -130,30 +131,30 @@ def check_plain_user(config: MountConfig) -> None:
         except OSError as exc:
             raise VhdxError(f"you may not read it ({exc.strerror}), so fusermount3 cannot find user_allow_other "
                             f"there and refuses -o {wants[0]}; an administrator makes it readable (chmod 0644)",
-                            path=FUSE_CONF, errno=errno.EACCES, reason=Reason.HOST_IO) from None
+                            path=FUSE_CONF, errno=errno.EACCES, reason=Reason.DENIED) from None
         if not allows_other(conf):
             if allows_other(conf + b"\n"):
                 raise VhdxError("its last line, user_allow_other, has no newline at its end, so fusermount3 "
                                 "ignores it; an administrator adds the newline", path=FUSE_CONF, errno=errno.EPERM,
-                                reason=Reason.HOST_IO)
+                                reason=Reason.DENIED)
             raise VhdxError(f"-o {wants[0]} needs a line 'user_allow_other' here when a user other than root "
                             f"mounts; an administrator adds it (or mount without {wants[0]})", path=FUSE_CONF,
-                            errno=errno.EPERM, reason=Reason.HOST_IO)
+                            errno=errno.EPERM, reason=Reason.DENIED)
     mnt = config.mountpoint
     st = os.stat(mnt)
     if st.st_uid != os.getuid() and st.st_mode & stat.S_ISVTX:
         raise VhdxError(f"mount point is {_owner(st)}'s, not yours, and has the sticky bit set; fusermount3 lets "
                         f"a user other than root mount only on a directory of their own (mkdir one, e.g. ~/mnt)",
-                        path=mnt, errno=errno.EPERM, reason=Reason.HOST_IO)
+                        path=mnt, errno=errno.EPERM, reason=Reason.DENIED)
     if not os.access(mnt, os.W_OK | os.X_OK):
         if st.st_uid == os.getuid():
             raise VhdxError(f"you may not write to this mount point ({stat.filemode(st.st_mode)}), and "
                             f"fusermount3 requires it of a user other than root; chmod u+wx it", path=mnt,
-                            errno=errno.EPERM, reason=Reason.HOST_IO)
+                            errno=errno.EPERM, reason=Reason.DENIED)
         raise VhdxError(f"mount point is {_owner(st)}'s ({stat.filemode(st.st_mode)}), not yours, and you may not "
                         f"write to it; fusermount3 lets a user other than root mount only on a directory they may "
                         f"write (mkdir one of your own, e.g. ~/mnt)", path=mnt, errno=errno.EPERM,
-                        reason=Reason.HOST_IO)
+                        reason=Reason.DENIED)
     if not config.read_only:
         for image in config.images:
             if os.access(image, os.R_OK) and not os.access(image, os.W_OK):
@@ -203,7 +204,7 @@ def run_umount(args: argparse.Namespace) -> int:
     if not wait_for_exit(pid, UMOUNT_TIMEOUT):
         # The images are still the daemon's (locked) when this gives up waiting.
         raise VhdxError(f"unmounted, but daemon {pid} is still closing the images after {UMOUNT_TIMEOUT:.0f} s",
-                        path=mnt, errno=errno.ETIMEDOUT, reason=Reason.LOCKED)
+                        path=mnt, errno=errno.ETIMEDOUT, reason=Reason.TIMED_OUT)
     return 0
 
 

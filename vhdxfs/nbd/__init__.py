@@ -1,1 +1,1 @@
-"""The NBD server front end: `vhdxfs serve` exports images over the NBD protocol (README "Serving over NBD")."""
+"""The NBD server front end: `vhdxfs serve` exports images over the NBD protocol (docs/nbd.md)."""

@@ -29,7 +29,7 @@ def check_config(config: ServeConfig) -> None:
     names: dict[str, str] = {}
     for image in config.images:
         if not Path(image).is_file():
-            raise UsageError("no such image file", path=image, errno=errno.ENOENT)
+            raise UsageError("no such image file", path=image, errno=errno.ENOENT, reason=Reason.NOT_FOUND)
         name = export_name(image)
         if name in names:
             raise UsageError(f"{image} and {names[name]} would both be exported as {name!r}; rename one",
@@ -101,7 +101,7 @@ def run_stop(args: argparse.Namespace) -> int:
     if not wait_for_exit(pid, STOP_TIMEOUT):
         # The images are still the server's (locked) when this gives up waiting.
         raise VhdxError(f"server {pid} is still closing the images after {STOP_TIMEOUT:.0f} s", path=target,
-                        errno=errno.ETIMEDOUT, reason=Reason.LOCKED)
+                        errno=errno.ETIMEDOUT, reason=Reason.TIMED_OUT)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Everything here works on bytes: the handshake and transmission code (handshake.py, transmission.py)
 read and write them on a trio stream, and the fuzzer feeds this module directly. Names and numbers are
-the protocol document's (NetworkBlockDevice/nbd, doc/proto.md); README "Serving over NBD" says which
+the protocol document's (NetworkBlockDevice/nbd, doc/proto.md); docs/nbd.md ("Protocol coverage") says which
 parts vhdxfs implements.
 """
 

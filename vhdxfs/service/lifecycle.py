@@ -108,7 +108,7 @@ class Life:
     def refuse_if_stopping(self, what: str) -> None:
         """Fail the start when a stop came while it ran (``what``: "while opening the images; not mounted")."""
         if self.stopped_by is not None:
-            raise VhdxError(f"{self.stopped_by} {what}", errno=errno.EINTR, reason=Reason.CLOSED)
+            raise VhdxError(f"{self.stopped_by} {what}", errno=errno.EINTR, reason=Reason.INTERRUPTED)
 
     async def enter(self, manager: AbstractAsyncContextManager[T]) -> T:
         """Enter ``manager`` (a nursery, a piece such as a control channel); it exits at the close in

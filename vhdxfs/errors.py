@@ -32,6 +32,7 @@ class Reason(StrEnum):
     PARENT_NOT_FOUND = "parent-not-found"
     PARENT_MISMATCH = "parent-mismatch"  # another DataWriteGuid, size or sector size
     PARENT_CHAIN = "parent-chain"  # a loop, or deeper than we follow
+    FROZEN = "frozen"  # a layer that checkpoints depend on: only read (engine/image/chainrecord.py)
     # Using an image.
     LOCKED = "locked"
     DENIED = "denied"  # the host's permissions or settings refuse it (errno EACCES or EPERM)

@@ -18,14 +18,15 @@ from itertools import pairwise
 from pathlib import Path
 
 # The only engine modules a front end may import.
-PUBLIC_ENGINE = {"vhdxfs.engine", "vhdxfs.engine.aio"}
+PUBLIC_ENGINE = {"vhdxfs.engine", "vhdxfs.engine.aio", "vhdxfs.engine.live"}
 
-# The layers, bottom to top. The engine is four of them: the image file (structures, host I/O), the virtual
+# The layers, bottom to top. The engine is five of them: the image file (structures, host I/O), the virtual
 # disk (translation, allocation, guards, flush: the core's contract), then on it the trio driver and the
-# offline operations side by side (neither imports the other), and the package's public face.
-FORMAT, IMAGE, DISK, DRIVERS, ENGINE_API, FRONT_END, ENTRY = range(7)
-LAYER_NAMES = ["format", "engine: image", "engine: disk", "engine: aio and ops", "engine: public API", "front end",
-               "entry"]
+# offline operations side by side (neither imports the other), the live operations on a running disk (on
+# both), and the package's public face.
+FORMAT, IMAGE, DISK, DRIVERS, LIVE, ENGINE_API, FRONT_END, ENTRY = range(8)
+LAYER_NAMES = ["format", "engine: image", "engine: disk", "engine: aio and ops", "engine: live",
+               "engine: public API", "front end", "entry"]
 SIDE_BY_SIDE = ["vhdxfs.engine.aio", "vhdxfs.engine.ops"]  # one layer, and neither imports the other
 
 # A module belongs to the layer of the most specific package (or module) listed here that contains it.
@@ -38,6 +39,7 @@ LAYERS = {
     "vhdxfs.engine.disk": DISK,
     "vhdxfs.engine.aio": DRIVERS,
     "vhdxfs.engine.ops": DRIVERS,
+    "vhdxfs.engine.live": LIVE,
     "vhdxfs.engine": ENGINE_API,  # vhdxfs/engine/__init__.py alone: every engine module is in a sub-package
     "vhdxfs.mount": FRONT_END,
     "vhdxfs.tools": FRONT_END,
@@ -211,7 +213,7 @@ def test_imports_point_down():
 def test_every_engine_module_is_in_a_sub_package():
     loose = [name for name in modules() if in_package(name, "vhdxfs.engine") and name.count(".") == 2
              and name not in LAYERS]
-    assert not loose, "engine modules outside image/, disk/, aio/, ops/:\n" + listing(loose)
+    assert not loose, "engine modules outside image/, disk/, aio/, ops/, live/:\n" + listing(loose)
 
 
 def test_the_trio_driver_and_the_offline_operations_do_not_import_each_other():

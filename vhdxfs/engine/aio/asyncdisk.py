@@ -2,59 +2,54 @@
 
 The driver of the core's contract (disk/core.py) for trio: it takes a plan, moves its bytes through each
 layer's AsyncHost (asynchost.py: reads inline from the page cache or in a worker thread, writes into the
-write-back queue), completes the plan. Steps (a bitmap to load, a block to allocate, flush, close) are
-driven by ``drive``. Opening (parsing, log replay, finding parents) is blocking work and runs in a worker
-thread. Concurrent calls are fine: steps take the engine's locks (allocation, flush) as trio locks, and
-planning never waits.
+write-back queue), completes the plan. Steps (a bitmap to load, a block to allocate, flush, close) run in
+``drive``. Opening (parsing, log replay, finding parents) is blocking work and runs in a worker thread.
+Concurrent calls are fine: steps take the engine's locks (allocation, flush) as trio locks, and planning
+never waits.
+
+Every request passes the gate (gate.py), which a live operation (engine/live/) closes while it changes the
+chain, and is counted (stats.py). The live operations' seam: ``core``, ``paused``, ``rebind``, ``host_of``,
+``read_layer`` and ``write_layer`` (the bytes of one layer of the chain), and ``on_change``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging
 import os
 import uuid
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from time import perf_counter_ns
 
 import trio
 
 from ..disk.chain import open_chain
 from ..disk.core import DiskCore
 from ..disk.runs import Extent, Kind
-from ..disk.steps import Step
 from ..disk.sync import DiskFacts, widened, zero_pieces
 from ..image.host import HostFactory, PosixFile
 from .asynchost import AsyncHost
+from .drive import drive
+from .gate import Gate
+from .stats import IOStats, KindStats
 
-log = logging.getLogger("vhdxfs")
-T = TypeVar("T")
 _DATA = Kind.DATA
-
-
-async def drive(step: Step[T]) -> T:
-    """Run ``step`` to its end, awaiting each operation it yields; errors are thrown back into it."""
-    try:
-        op = step.send(None)
-        while True:
-            try:
-                result = await op[0](*op[1:])
-            except BaseException as exc:  # thrown back so the step's own clean-up (locks) runs
-                op = step.throw(exc)
-            else:
-                op = step.send(result)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
 
 
 class AsyncDisk(DiskFacts):
     """One image (and its parents), for trio; create with ``await AsyncDisk.open(path)``."""
 
     def __init__(self, core: DiskCore, *, writeback_limit: int | None = None) -> None:
-        self._hosts = [AsyncHost(layer.image.host, writeback_limit=writeback_limit) for layer in core.layers()]
-        core.attach(self._hosts)
+        self._writeback_limit = writeback_limit
+        self._hosts: list[AsyncHost] = []
         self._core = core
+        self.rebind(core)
         self._closed = False
+        self.gate = Gate()
+        self.stats = IOStats()
+        # Called with (offset, length) after each write, write-zeroes or discard: a live merge of the top
+        # copies again what changed meanwhile (engine/live/merge.py).
+        self.on_change: Callable[[int, int], None] | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, read_only: bool = False,
@@ -70,10 +65,27 @@ class AsyncDisk(DiskFacts):
 
     # -- reads --------------------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytearray:
-        core = self._core
-        plan = core.plan_read(offset, length)
+        gate = self.gate
+        if gate.shut:
+            await gate.enter()
+        else:
+            gate.inside += 1
+        started = perf_counter_ns()
+        try:
+            buf = await self.read_layer(self._core, offset, length)
+        except BaseException:
+            self.stats.read.failures += 1
+            raise
+        finally:
+            gate.leave()
+        self.stats.read.add(length, perf_counter_ns() - started)
+        return buf
+
+    async def read_layer(self, layer: DiskCore, offset: int, length: int) -> bytearray:
+        """The bytes of [offset, offset+length) as ``layer`` of this chain shows them (with its parents)."""
+        plan = layer.plan_read(offset, length)
         if plan is None:
-            plan = await drive(core.prepare_read(offset, length))
+            plan = await drive(layer.prepare_read(offset, length))
         buf = bytearray(length)
         view = memoryview(buf)
         try:
@@ -92,6 +104,9 @@ class AsyncDisk(DiskFacts):
         """The bytes of [offset, offset+length) when they can be had without waiting at all (zeros, or one
         run whose bytes the host's page cache holds), else None: then ``read``. For front ends that serve a
         request in the task that received it when they can (the NBD server)."""
+        if self.gate.shut:
+            return None
+        started = perf_counter_ns()
         plan = self._core.plan_read(offset, length)
         if plan is None:
             return None
@@ -103,41 +118,67 @@ class AsyncDisk(DiskFacts):
             data = bytearray(length)
         if data is None:
             plan.release()
-        else:
-            plan.complete(data)
+            return None
+        plan.complete(data)
+        self.stats.read.add(length, perf_counter_ns() - started)
         return data
 
     # -- writes -------------------------------------------------------------------------------------------
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue the write if it needs no wait at all (nothing to allocate, room in the write-back queue), and
         say so; False: nothing was done, use ``write``. Acknowledged like ``write`` (durable after a flush)."""
+        if self.gate.shut:
+            return False
+        started = perf_counter_ns()
         plan = self._core.plan_write(offset, len(data))
         if plan is None:
             return False
         runs = plan.runs
-        if len(runs) == 1 and self._hosts[0].write_now(runs[0].file_offset, data):
-            plan.complete()  # queued: its guard ends here (disk/guards.py)
-            return True
-        plan.release()
-        return False
+        if len(runs) != 1 or not self._hosts[0].write_now(runs[0].file_offset, data):
+            plan.release()
+            return False
+        plan.complete()  # queued: its guard ends here (disk/guards.py)
+        self.stats.write.add(len(data), perf_counter_ns() - started)
+        if self.on_change is not None:
+            self.on_change(offset, len(data))
+        return True
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Acknowledged once queued; durable after the next flush (docs/mounting.md, "The raw file", its
         Durability rule)."""
-        core = self._core
+        gate = self.gate
+        if gate.shut:
+            await gate.enter()
+        else:
+            gate.inside += 1
+        started = perf_counter_ns()
         view = memoryview(data).cast("B")
-        plan = core.plan_write(offset, len(view)) if view else None
+        try:
+            await self.write_layer(self._core, offset, view)
+        except BaseException:
+            self.stats.write.failures += 1
+            raise
+        finally:
+            gate.leave()
+        self.stats.write.add(len(view), perf_counter_ns() - started)
+        if self.on_change is not None:
+            self.on_change(offset, len(view))
+
+    async def write_layer(self, layer: DiskCore, offset: int, view: memoryview) -> None:
+        """Write into ``layer`` of this chain (the top for a request; the target of a live merge)."""
+        plan = layer.plan_write(offset, len(view)) if view else None
         if plan is None:
             if not view:
-                core.plan_write(offset, 0)  # read-only and range checks only
+                layer.plan_write(offset, 0)  # read-only and range checks only
                 return
-            start, end = core.sector_span(offset, len(view))
+            start, end = layer.sector_span(offset, len(view))
             if (start, end) != (offset, offset + len(view)):
-                lss = core.geometry.logical_sector_size
-                view = widened(offset, view, start, end, await self.read(start, lss), await self.read(end - lss, lss))
+                lss = layer.geometry.logical_sector_size
+                view = widened(offset, view, start, end, await self.read_layer(layer, start, lss),
+                               await self.read_layer(layer, end - lss, lss))
                 offset = start
-            plan = await drive(core.prepare_write(offset, len(view)))
-        host = self._hosts[0]
+            plan = await drive(layer.prepare_write(offset, len(view)))
+        host = self._hosts[layer.depth]
         try:
             for run in plan.runs:
                 start = run.offset - offset
@@ -154,18 +195,44 @@ class AsyncDisk(DiskFacts):
         await self.write_zeroes(offset, length, unmap=True)
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        cover = await drive(self._core.write_zeroes(offset, length, unmap))
+        async with self._counted(self.stats.zero, length):
+            await self.zero_layer(self._core, offset, length, unmap)
+        if self.on_change is not None:
+            self.on_change(offset, length)
+
+    async def zero_layer(self, layer: DiskCore, offset: int, length: int, unmap: bool) -> None:
+        """``write_zeroes`` into ``layer`` of this chain."""
+        cover = await drive(layer.write_zeroes(offset, length, unmap))
         for pos, n in zero_pieces(cover):
-            await self.write(pos, bytes(n))
+            await self.write_layer(layer, pos, memoryview(bytes(n)))
 
     # -- the rest -----------------------------------------------------------------------------------------
     async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         if length is None:
             length = self.size - offset
-        return await drive(self._core.extents(offset, length))
+        await self.gate.enter()
+        try:
+            return await drive(self._core.extents(offset, length))
+        finally:
+            self.gate.leave()
 
     async def flush(self) -> None:
-        await drive(self._core.flush())
+        async with self._counted(self.stats.flush, 0):
+            await drive(self._core.flush())
+
+    @contextlib.asynccontextmanager
+    async def _counted(self, kind: KindStats, nbytes: int) -> AsyncIterator[None]:
+        """Through the gate, counted as ``kind`` (stats.py) for the requests that are not on the hot path."""
+        await self.gate.enter()
+        started = perf_counter_ns()
+        try:
+            yield
+        except BaseException:
+            kind.failures += 1
+            raise
+        finally:
+            self.gate.leave()
+        kind.add(nbytes, perf_counter_ns() - started)
 
     async def close(self) -> None:
         """Flush, apply the log, clear LogGuid (a clean image), release the locks."""
@@ -194,26 +261,25 @@ class AsyncDisk(DiskFacts):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # -- the live operations' seam (engine/live/) ---------------------------------------------------------
+    @property
+    def core(self) -> DiskCore:
+        """The top layer of the chain (``core.layers()`` are all of them)."""
+        return self._core
 
-async def open_disks(paths: list[str], *, read_only: bool = False,
-                     parent: str | os.PathLike[str] | None = None) -> list[AsyncDisk]:
-    """Open every image (a daemon serves several); if one fails, the ones opened are closed again."""
-    disks: list[AsyncDisk] = []
-    try:
-        for path in paths:
-            disks.append(await AsyncDisk.open(path, read_only=read_only, parent=parent))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await close_disks(disks)
-        raise
-    return disks
+    def paused(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold new requests and wait for the ones running to finish; they go on when this exits."""
+        return self.gate.closed()
 
+    def rebind(self, core: DiskCore) -> None:
+        """Serve the chain whose top is ``core`` from now on (call while paused, or before serving): layers
+        kept from the old chain keep their AsyncHost, new ones get one."""
+        known = {id(host.host): host for host in self._hosts}
+        self._hosts = [known.get(id(layer.image.host)) or AsyncHost(layer.image.host,
+                                                                    writeback_limit=self._writeback_limit)
+                       for layer in core.layers()]
+        core.attach(self._hosts)
+        self._core = core
 
-async def close_disks(disks: list[AsyncDisk]) -> None:
-    """Close each image cleanly; one failing to close does not keep the others from closing."""
-    for disk in disks:
-        try:
-            await disk.close()
-            log.info("%s: closed cleanly", disk.path)
-        except Exception as exc:
-            log.error("%s: could not close cleanly: %s", disk.path, exc)
+    def host_of(self, layer: DiskCore) -> AsyncHost:
+        return self._hosts[layer.depth]

@@ -75,7 +75,8 @@ class AsyncHost:
     def __init__(self, host: HostIO, *, writeback_limit: int | None = None) -> None:
         self.host = host
         self.path = host.path
-        self.writeback = WriteBack(host.pwrite, limit=writeback_limit or DEFAULT_LIMIT) if host.writable else None
+        self._limit = writeback_limit or DEFAULT_LIMIT
+        self.writeback = WriteBack(host.pwrite, limit=self._limit) if host.writable else None
 
     async def pread_into(self, offset: int, view: memoryview) -> None:
         """Read into ``view`` (after the queued writes to it): inline when the page cache has it, else in a
@@ -150,10 +151,20 @@ class AsyncHost:
     def new_lock() -> StepLock:
         return trio.Lock()
 
+    def set_writable(self, writable: bool) -> None:
+        """Writable (the target of a live merge) gets a write-back queue; read-only (a frozen layer) stops
+        its queue, whose writes must be flushed already. The host file's lock follows (HostIO.set_writable)."""
+        self.host.set_writable(writable)
+        if writable and self.writeback is None:
+            self.writeback = WriteBack(self.host.pwrite, limit=self._limit)
+        elif not writable:
+            self.stop_writeback()
+
     def stop_writeback(self) -> None:
         """Apply the queued writes and stop the writer thread (blocking; nothing is made durable)."""
         if self.writeback is not None:
             self.writeback.close()
+            self.writeback = None
 
     async def close(self) -> None:
         """Close the file once the queued writes are in it (not durable: flush first for that)."""

@@ -72,6 +72,11 @@ class WriteBack:
         return errors[0] if errors else None
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes of writes acknowledged and not yet in the file."""
+        return self._issued_bytes - self._done_bytes
+
+    @property
     def busy(self) -> bool:
         """True while some queued write has not reached the host file."""
         return self._done < self._issued

@@ -1,4 +1,5 @@
-"""Opening a disk: the image and, for a differencing image, its parents, each checked against its child.
+"""Opening a disk: the image and, for a differencing image, its parents, each checked against its child;
+and the changes of a layer's mode that live operations make (``freeze``, ``thaw``).
 
 The parents open read-only with shared locks; the top opens as asked. A failure anywhere closes what
 was opened. The result is the top layer, numbered (``DiskCore.chain``).
@@ -10,16 +11,25 @@ import os
 import uuid
 
 from ...errors import ParentError, Reason, VhdxError
-from ..image import parents
+from ..image import chainrecord, parents
 from ..image.host import HostFactory, PosixFile
 from ..image.loader import VhdxFile
 from .core import DiskCore
 
 
 def open_chain(path: str | os.PathLike[str], *, read_only: bool = False, parent: str | os.PathLike[str] | None = None,
-               host_factory: HostFactory = PosixFile, data_write_guid: uuid.UUID | None = None) -> DiskCore:
-    """Open an image (blocking); a differencing image opens its parent chain (read-only, shared locks)."""
-    return _open(path, read_only, parent, host_factory, data_write_guid, ()).chain()
+               host_factory: HostFactory = PosixFile, data_write_guid: uuid.UUID | None = None,
+               allow_frozen: bool = False) -> DiskCore:
+    """Open an image (blocking); a differencing image opens its parent chain (read-only, shared locks). A
+    writable open of a frozen layer (engine/image/chainrecord.py) is refused: its checkpoints depend on it."""
+    top = _open(path, read_only, parent, host_factory, data_write_guid, ()).chain()
+    if not read_only and not allow_frozen:
+        try:
+            chainrecord.check_not_frozen(top.path, top.layers()[-1].path)
+        except BaseException:
+            top.close_files()
+            raise
+    return top
 
 
 def _open(path: str | os.PathLike[str], read_only: bool, parent: str | os.PathLike[str] | None,
@@ -46,3 +56,23 @@ def _open(path: str | os.PathLike[str], read_only: bool, parent: str | os.PathLi
         image.close()
         raise
     return DiskCore(image, below)
+
+
+def freeze(layer: DiskCore) -> None:
+    """``layer`` is only read from now on: a checkpoint's parent. Flush it and clear its log first
+    (``DiskCore.flush``, ``Flusher.finish``); its host file's lock turns shared (blocking)."""
+    layer.image.host.set_writable(False)
+    layer.headers.freeze()
+    layer.read_only = layer.image.read_only = True
+
+
+def thaw(layer: DiskCore, data_write_guid: uuid.UUID) -> None:
+    """``layer`` is writable again: the target of a live merge (blocking). Its host file's lock turns
+    exclusive (or ImageLockedError, nothing changed, while another process reads it); a log replayed in
+    memory at open goes into the file (then ``chain`` the top again); the first write sets
+    ``data_write_guid``."""
+    layer.image.host.set_writable(True)
+    layer.headers.thaw(data_write_guid)
+    layer.read_only = layer.image.read_only = False
+    if layer.image.overlay is not None:
+        layer.image.apply_log()

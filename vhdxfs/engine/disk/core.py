@@ -61,6 +61,7 @@ class DiskCore:
         self.guards = BlockGuards()
         self.flusher = Flusher(image.headers, LogWriter(image.host, image.headers), self.allocation, self.guards)
         self.io: StepIO
+        self._attached: StepIO | None = None
         self._overlays = False  # does any layer of the chain read through a replayed log (set by ``chain``)
 
     def chain(self) -> DiskCore:
@@ -82,9 +83,12 @@ class DiskCore:
         return out
 
     def attach(self, ios: Sequence[StepIO]) -> None:
-        """Bind every layer, top first, to its StepIO (the synchronous or the async driver's)."""
+        """Bind every layer, top first, to its StepIO (the synchronous or the async driver's); a layer bound
+        to the same StepIO before (a chain changed by a live operation) keeps its locks."""
         for layer, io in zip(self.layers(), ios, strict=True):
-            layer.io = io
+            if layer._attached is io:
+                continue
+            layer.io = layer._attached = io
             layer.allocation.attach(io)
             layer.flusher.attach(io)
 

@@ -9,6 +9,7 @@ the pages back, so the next flush tries again.
 
 from __future__ import annotations
 
+from ...errors import Reason, VhdxError
 from ..image.dirty import PageBatch, PageSource
 from ..image.headers import HeaderState
 from ..image.journal import LogWriter
@@ -34,17 +35,34 @@ class Flusher:
         self.io: StepIO
         self.lock: StepLock
 
+    def sources(self) -> list[PageSource]:
+        """What a flush journals: the BAT, and the sector bitmaps of a differencing image."""
+        return self._sources
+
     def attach(self, io: StepIO) -> None:
         self.io = io
         self.lock = io.new_lock()
+
+    def _journal_atomic(self, pages: dict[int, bytes], file_end: int) -> None:
+        """Blocking: ``pages`` through the log as one entry (refused, before anything is written, if they
+        do not fit one)."""
+        if len(pages) > self.writer.max_pages_per_entry:
+            raise VhdxError(f"the change needs {len(pages)} log pages at once but one log entry holds "
+                            f"{self.writer.max_pages_per_entry}", path=self.writer.host.path,
+                            field="Header.LogLength", reason=Reason.NO_ROOM)
+        self._journal(pages, file_end)
 
     def _journal(self, pages: dict[int, bytes], file_end: int) -> None:
         """Blocking: LogGuid into the headers if the log is empty, then the pages through the log."""
         self.headers.open_log()
         self.writer.commit(pages, file_end)
 
-    def flush(self) -> Step[None]:
-        """Every write issued so far is durable once this returns: data first, then the pages via the log."""
+    def flush(self, *, extra: dict[int, bytes] | None = None) -> Step[None]:
+        """Every write issued so far is durable once this returns: data first, then the pages via the log.
+
+        ``extra``: metadata pages to change too (a live merge re-points the parent locator of the layer this
+        daemon writes), through the same log, after the flush's own pages and as one entry of their own, so
+        a crash applies all of them or none."""
         yield (self.io.acquire, self.lock)
         try:
             allocator = self.allocation.allocator
@@ -62,6 +80,9 @@ class Flusher:
             holds = self.guards.holds
             allocator.reuse([r for r in freed if not holds(r[0])])
             allocator.keep_pending([r for r in freed if holds(r[0])])
+            if extra:
+                yield (self.io.fdatasync,)
+                yield (self.io.call, self._journal_atomic, extra, allocator.grown)
         finally:
             self.lock.release()
 

@@ -25,6 +25,9 @@ class DirtySet(Generic[K]):
     def __bool__(self) -> bool:
         return bool(self._keys)
 
+    def __len__(self) -> int:
+        return len(self._keys)
+
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 

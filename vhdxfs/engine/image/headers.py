@@ -63,6 +63,19 @@ class HeaderState:
         """True once this open has changed DataWriteGuid: the virtual disk's contents may have changed."""
         return self._data_writes
 
+    def freeze(self) -> None:
+        """No more header changes: the open became read-only (a checkpoint's parent)."""
+        with self._lock:
+            self.writable = False
+
+    def thaw(self, data_write_guid: uuid.UUID) -> None:
+        """Writable again (the target of a live merge): its contents will change, so the first write sets a new
+        DataWriteGuid, ``data_write_guid`` (chosen by the merge, as commit does: spec note 12)."""
+        with self._lock:
+            self.writable = True
+            self._data_writes = False
+            self._chosen_data_write_guid = data_write_guid
+
     def update(self, **changes: object) -> None:
         """Write the next header with ``changes`` into both slots, one after the other, each made durable."""
         if not self.writable:

@@ -64,6 +64,7 @@ class HostIO(Protocol):
     def punch_hole(self, offset: int, length: int) -> bool: ...
     def write_zeros(self, offset: int, length: int) -> None: ...
     def allocate(self, offset: int, length: int) -> None: ...
+    def set_writable(self, writable: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -124,6 +125,11 @@ class FileBase(ABC):
         if self.size() < offset + length:
             self.truncate(offset + length)
 
+    def set_writable(self, writable: bool) -> None:
+        """From now on the open may write (or may no longer): a layer of a running chain that a live merge
+        writes into, or the old top that a checkpoint freezes."""
+        self.writable = writable
+
 
 class PosixFile(FileBase):
     """An image file on the host, opened read-only or read-write, with the matching lock held."""
@@ -137,6 +143,8 @@ class PosixFile(FileBase):
         except OSError as exc:
             raise HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno) from None
         self.punch_supported = True
+        self.locked = lock
+        self._fd_writable = writable
         if lock:
             try:
                 self._lock(exclusive=writable)
@@ -156,6 +164,49 @@ class PosixFile(FileBase):
                 raise ImageLockedError(f"image is in use by another process (locked; cannot be {how} now)",
                                        path=self.path) from None
             raise self._error(exc) from None
+
+    def set_writable(self, writable: bool) -> None:
+        """Change what this open may do with the file locked all along: read-only turns the exclusive lock
+        into a shared one on the same descriptor (an OFD lock changes mode in place, so no other process
+        can take the file in between); writable takes the exclusive lock, on a descriptor open for writing
+        (reopened first, holding a shared lock meanwhile). Refused with ImageLockedError, and nothing
+        changed, while another process reads the file."""
+        if writable == self.writable:
+            return
+        if not writable:
+            if self.locked:
+                self._lock(exclusive=False)
+            self.writable = False
+            return
+        if not self._fd_writable:
+            self._reopen_for_writing()
+        if self.locked:
+            self._lock(exclusive=True)
+        self.writable = True
+
+    def _reopen_for_writing(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._error(exc) from None
+        try:
+            old, new = os.fstat(self.fd), os.fstat(fd)
+            if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
+                raise HostIOError("the file was replaced while it was open (its path names another file now)",
+                                  path=self.path, errno=errno.ESTALE)
+            if self.locked:  # a shared lock first: ours on the old descriptor allows it, so there is no gap
+                previous, self.fd = self.fd, fd
+                try:
+                    self._lock(exclusive=False)
+                except BaseException:
+                    self.fd = previous
+                    raise
+                fd = previous
+            else:
+                self.fd, fd = fd, self.fd
+            self._fd_writable = True
+        finally:
+            os.close(fd)
 
     def _error(self, exc: OSError) -> HostIOError:
         return HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno)

@@ -86,15 +86,22 @@ class VhdxFile:
         """Open and validate ``path``; ``data_write_guid``: the DataWriteGuid the first write sets (commit)."""
         host = host_factory(path, writable=not read_only)
         try:
-            image = cls(host, read_only=read_only, lenient=lenient)
-            image._load(data_write_guid)
-            return image
+            return cls.load(host, read_only=read_only, lenient=lenient, data_write_guid=data_write_guid)
         except VhdxError as exc:
             host.close()
             raise exc.with_path(path) from None
         except BaseException:
             host.close()
             raise
+
+    @classmethod
+    def load(cls, host: HostIO, *, read_only: bool = False, lenient: bool = False,
+             data_write_guid: uuid.UUID | None = None) -> VhdxFile:
+        """Load the image a host file already open holds (a live resize reads its new structures afresh
+        through the same open file, its lock never let go); the caller closes the host on failure."""
+        image = cls(host, read_only=read_only, lenient=lenient)
+        image._load(data_write_guid)
+        return image
 
     @property
     def header(self) -> Header:

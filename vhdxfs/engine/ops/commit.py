@@ -20,6 +20,7 @@ read-only, and its shared lock would keep out the writable open of the parent th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from dataclasses import dataclass
@@ -51,6 +52,26 @@ class CommitResult:
     parent_data_write_guid: uuid.UUID
 
 
+def locator_pages(child: VhdxFile, entries: dict[str, str]) -> dict[int, bytes]:
+    """The metadata pages that make the child's parent locator hold ``entries``; the child's in-memory
+    metadata takes them on (the caller writes the pages through the child's log)."""
+    locator = child.metadata.parent_locator
+    assert locator is not None, "a differencing image has a parent locator (Metadata.validate)"
+    new = ParentLocator(entries, locator.locator_type)
+    edits = PageEdits(child.read_meta)
+    replace_item(child, edits, guids.PARENT_LOCATOR, new.encode())
+    child.metadata = dataclasses.replace(child.metadata, parent_locator=new)
+    return edits.changed()
+
+
+def write_logged(image: VhdxFile, pages: dict[int, bytes]) -> None:
+    """Write ``pages`` of an image opened writable, with a clean log, through its log as one entry."""
+    update = LoggedUpdate(image)
+    check_fits(image, len(pages), update.max_pages)
+    with update:
+        update.commit_atomic(pages, image.host.size())
+
+
 def store_linkage(child: VhdxFile, current: uuid.UUID, upcoming: uuid.UUID) -> None:
     """Rewrite the child's parent locator (one log entry) to accept the parent before and after the merge."""
     locator = child.metadata.parent_locator
@@ -58,13 +79,7 @@ def store_linkage(child: VhdxFile, current: uuid.UUID, upcoming: uuid.UUID) -> N
     entries = dict(locator.entries)
     entries["parent_linkage"] = guids.braced(current)
     entries["parent_linkage2"] = guids.braced(upcoming)
-    edits = PageEdits(child.read_meta)
-    replace_item(child, edits, guids.PARENT_LOCATOR, ParentLocator(entries, locator.locator_type).encode())
-    pages = edits.changed()
-    update = LoggedUpdate(child)
-    check_fits(child, len(pages), update.max_pages)
-    with update:
-        update.commit_atomic(pages, child.host.size())
+    write_logged(child, locator_pages(child, entries))
 
 
 def _merge(child: VhdxFile, target: Disk, progress: Progress) -> tuple[int, int]:
@@ -102,7 +117,8 @@ def commit(child_path: str | os.PathLike[str], parent: str | os.PathLike[str] | 
                              field="FileParameters.HasParent")
         parent_path = find_parent(child.path, child.metadata, parent)
         upcoming = guids.new_guid()
-        core = open_chain(parent_path, host_factory=host_factory, data_write_guid=upcoming)
+        # A frozen parent may be written here: the merge keeps its child valid (parent_linkage2).
+        core = open_chain(parent_path, host_factory=host_factory, data_write_guid=upcoming, allow_frozen=True)
         target = Disk(core)
         try:
             before = core.image.header.data_write_guid

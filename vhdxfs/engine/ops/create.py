@@ -177,15 +177,28 @@ def parent_locator_for(child: Path, parent: Path, data_write_guid: uuid.UUID) ->
 def create_child(child: str | os.PathLike[str], parent: str | os.PathLike[str], *, block_size: int | None = None,
                  log_size: int = 1 * MiB) -> None:
     """Create ``child`` as a differencing image of ``parent``: its size, sector sizes and disk id."""
-    child, parent = Path(child), Path(parent)
     image = VhdxFile.open(parent, read_only=True)
     try:
-        meta, header = image.metadata, image.header
+        create_child_of(child, image, block_size=block_size, log_size=log_size)
     finally:
         image.close()
+
+
+def create_child_of(child: str | os.PathLike[str], parent: VhdxFile, *, block_size: int | None = None,
+                    log_size: int = 1 * MiB) -> None:
+    """Create ``child`` as a differencing image of the image ``parent`` opened already (a live checkpoint
+    makes one of the top it writes, whose exclusive lock keeps a second open out), durably: the file and
+    its directory entry."""
+    child = Path(child)
+    meta, header = parent.metadata, parent.header
     create_image(child, ImageSpec(
         virtual_size=meta.virtual_size, disk_type="differencing",
         block_size=block_size or DEFAULT_CHILD_BLOCK_SIZE,
         logical_sector_size=meta.logical_sector_size, physical_sector_size=meta.physical_sector_size,
-        log_size=log_size, parent_locator=parent_locator_for(child, parent, header.data_write_guid),
+        log_size=log_size, parent_locator=parent_locator_for(child, parent.path, header.data_write_guid),
         virtual_disk_id=meta.virtual_disk_id))
+    folder = os.open(child.resolve().parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -18,6 +18,7 @@ import struct
 import sys
 from array import array
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ...errors import Reason, UnsupportedError, UsageError, VhdxError
 from ...format import guids
@@ -25,6 +26,7 @@ from ...format.bat import Geometry, PayloadState, make_entry
 from ...format.constants import MAX_VIRTUAL_SIZE, REGION_TABLE_OFFSETS, MiB
 from ...format.region import RegionTable
 from ...sizes import format_size
+from ..image.chainrecord import check_not_frozen
 from ..image.host import HostFactory, PosixFile
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate, PageEdits, changed_pages, check_fits, replace_item
@@ -53,6 +55,7 @@ def resize(path: str | os.PathLike[str], new_size: int, *, shrink: bool = False,
     A refused resize (differencing image, bad size, data past a new end) writes nothing.
     """
     # Refusals come from a read-only look, so a refused resize leaves every byte of the file as it was.
+    check_not_frozen(path, Path(path))  # a base with checkpoints over it keeps its size
     image = VhdxFile.open(path, read_only=True, host_factory=host_factory)
     try:
         _check_request(image, new_size, shrink)
@@ -64,7 +67,7 @@ def resize(path: str | os.PathLike[str], new_size: int, *, shrink: bool = False,
         image.close()
     image = VhdxFile.open(path, host_factory=host_factory)
     try:
-        return _resize(image, new_size, shrink)
+        return resize_image(image, new_size, shrink)
     except VhdxError as exc:
         raise exc.with_path(path) from None
     finally:
@@ -129,7 +132,9 @@ def _bat_pages(image: VhdxFile, entries: array[int], offset: int, length: int) -
     return pages
 
 
-def _resize(image: VhdxFile, new_size: int, shrink: bool) -> ResizeResult:
+def resize_image(image: VhdxFile, new_size: int, shrink: bool = False) -> ResizeResult:
+    """Resize an image opened writable with a clean log (a live resize passes the running disk's own open);
+    refusals write nothing. The caller loads the structures afresh afterwards (``VhdxFile.load``)."""
     _check_request(image, new_size, shrink)
     old = image.geometry
     if new_size == old.virtual_size:

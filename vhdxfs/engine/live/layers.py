@@ -1,0 +1,158 @@
+"""What every live operation does to the layers of a running chain: find one, change its mode, re-point its
+parent locator, record the chain, copy a layer's own contents into its parent.
+
+All of it runs while the disk serves; what must not overlap requests runs inside ``AsyncDisk.paused``
+(the callers say where). Blocking work (lock changes, logged updates, stopping a write-back thread) goes
+to a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from ...errors import Reason, VhdxError
+from ...format import guids
+from ...format.bat import PayloadState
+from ..aio import AsyncDisk, AsyncHost
+from ..aio.drive import drive
+from ..disk.chain import freeze, thaw
+from ..disk.core import DiskCore
+from ..disk.runs import Kind
+from ..image import chainrecord
+from ..ops.commit import locator_pages, write_logged
+from ..ops.create import parent_locator_for
+from .state import Operation
+
+COPY_PIECE = 4 << 20  # bytes read and written at a time by a merge's copy
+_SCAN = 1 << 16  # BAT entries looked at a time for blocks a layer holds
+
+
+def layers(disk: AsyncDisk) -> list[DiskCore]:
+    """The running chain, top first."""
+    return disk.core.layers()
+
+
+def base(disk: AsyncDisk) -> DiskCore:
+    return layers(disk)[-1]
+
+
+def find_layer(disk: AsyncDisk, name: str | os.PathLike[str]) -> int:
+    """The place (0: the top) of the layer ``name`` names: its path, file name or stem."""
+    chain = layers(disk)
+    wanted = Path(name)
+    for i, layer in enumerate(chain):
+        if wanted.exists() and wanted.resolve() == layer.path.resolve():
+            return i
+    for i, layer in enumerate(chain):
+        if str(name) in (layer.path.name, layer.path.stem):
+            return i
+    names = ", ".join(layer.path.name for layer in chain)
+    raise VhdxError(f"{name} is not a layer of the running chain ({names})", path=disk.path, errno=errno.ENOENT,
+                    reason=Reason.NOT_FOUND)
+
+
+def record(paths: list[Path]) -> None:
+    """Record the chain of ``paths`` (top first) beside its base: what a writable open of any layer opens
+    (blocking)."""
+    chainrecord.write_layers(paths[-1], paths[::-1])
+
+
+async def set_writable(disk: AsyncDisk, layer: DiskCore, writable: bool,
+                       data_write_guid: uuid.UUID | None = None) -> None:
+    """Thaw (writable: the lock turns exclusive, a write-back queue starts) or freeze a layer of the chain."""
+    host = disk.host_of(layer)
+
+    def change() -> None:
+        if writable:
+            thaw(layer, data_write_guid or guids.new_guid())
+        else:
+            freeze(layer)
+        host.set_writable(writable)
+
+    await trio.to_thread.run_sync(change)
+
+
+async def repoint(disk: AsyncDisk, child: DiskCore, parent: DiskCore, linkage: uuid.UUID) -> None:
+    """Make ``child``'s parent locator name ``parent`` (found by path, linked by ``linkage``), durably, in
+    one log entry: through the daemon's own log when ``child`` is the top it writes, else through the
+    child's log while the child is made writable for it. Call paused."""
+    entries = parent_locator_for(child.path, parent.path, linkage).entries
+    if child.depth == 0:
+        pages = await trio.to_thread.run_sync(locator_pages, child.image, entries)
+        await drive(child.flusher.flush(extra=pages))
+        return
+    await set_writable(disk, child, True)
+    try:
+        def write() -> None:
+            write_logged(child.image, locator_pages(child.image, entries))
+
+        await trio.to_thread.run_sync(write)
+    finally:
+        await set_writable(disk, child, False)
+
+
+def own_blocks(layer: DiskCore) -> list[int]:
+    """The payload blocks ``layer`` answers for itself (anything but NOT_PRESENT): what a merge copies down."""
+    g, entries = layer.geometry, layer.bat.entries
+    step = g.chunk_ratio + 1  # every chunk_ratio payload entries, one sector bitmap entry
+    out = []
+    for base_index in range(0, len(entries), _SCAN):
+        chunk = entries[base_index:base_index + _SCAN]
+        if chunk.count(0) == len(chunk):
+            continue
+        for i, e in enumerate(chunk, base_index):
+            if e & 7 != PayloadState.NOT_PRESENT and (i + 1) % step:
+                block = g.block_of_index(i)
+                if block < g.data_blocks:
+                    out.append(block)
+    return out
+
+
+async def copy_down(disk: AsyncDisk, src: DiskCore, dst: DiskCore, blocks: list[int], op: Operation,
+                    stop: Callable[[], bool] = lambda: False) -> int:
+    """Copy what ``src`` holds itself in ``blocks`` (its DATA, and its zeros) into ``dst``, its parent,
+    through the disk (so every read is guarded and every write journaled like a guest's); the bytes done."""
+    bs, size = src.block_size, src.size
+    done = 0
+    for block in blocks:
+        if stop():
+            break
+        start = block * bs
+        n = min(bs, size - start)
+        runs = await drive(src.translator.translate_loading(src.io, start, n))
+        for run in runs:
+            if run.kind == Kind.DATA:
+                for pos in range(run.offset, run.offset + run.length, COPY_PIECE):
+                    m = min(COPY_PIECE, run.offset + run.length - pos)
+                    data = await disk.read_layer(src, pos, m)
+                    await disk.write_layer(dst, pos, memoryview(data))
+            elif run.kind == Kind.ZERO:
+                await disk.zero_layer(dst, run.offset, run.length, True)
+        done += n
+        op.done += n
+    return done
+
+
+async def drop_file(layer: DiskCore, host: AsyncHost) -> None:
+    """Remove a layer that left the chain: its name goes (durably), then its open file (call after
+    ``rebind``, so no request reaches it; ``host`` is the layer's, taken before)."""
+
+    def remove() -> None:
+        try:
+            layer.path.unlink()
+            folder = os.open(layer.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        finally:
+            host.stop_writeback()
+            layer.image.close()
+
+    await trio.to_thread.run_sync(remove)

@@ -1,9 +1,10 @@
 """I/O counters of a running disk: requests, bytes, failures and latency per kind, for ``vhdxfs status``.
 
-Latency goes into power-of-two buckets of microseconds (bucket i holds [2**(i-1), 2**i) us; bucket 0 holds
-under 1 us), so counting costs an int's bit_length and a list increment, memory stays a few hundred bytes
-whatever the uptime, and percentiles are read off the buckets (the upper edge of the bucket the rank falls
-in: at most twice the true value). Prometheus histograms take the same buckets as they are.
+Latency goes into power-of-two buckets of 1.024 us units (bucket i holds [2**(i-1), 2**i) units; bucket 0
+under one), so counting costs a shift, an int's bit_length and a list increment on every request, memory
+stays a few hundred bytes whatever the uptime, and percentiles are read off the buckets (the upper edge
+of the bucket the rank falls in: at most twice the true value). Prometheus histograms take the same
+buckets as they are. Reports say microseconds and round the unit (2.4% off, well inside a bucket).
 """
 
 from __future__ import annotations
@@ -17,22 +18,26 @@ KINDS = ("read", "write", "zero", "flush")  # zero: discards and write-zeroes
 class KindStats:
     """The counters of one kind of request."""
 
-    __slots__ = ("requests", "bytes", "failures", "buckets", "max_us")
+    __slots__ = ("requests", "bytes", "failures", "buckets", "max_ns")
 
     def __init__(self) -> None:
         self.requests = 0
         self.bytes = 0
         self.failures = 0
         self.buckets = [0] * BUCKETS
-        self.max_us = 0
+        self.max_ns = 0
 
     def add(self, nbytes: int, nanoseconds: int) -> None:
-        us = nanoseconds // 1000
         self.requests += 1
         self.bytes += nbytes
-        self.buckets[min(us.bit_length(), BUCKETS - 1)] += 1
-        if us > self.max_us:
-            self.max_us = us
+        i = (nanoseconds >> 10).bit_length()
+        self.buckets[i if i < BUCKETS else BUCKETS - 1] += 1
+        if nanoseconds > self.max_ns:
+            self.max_ns = nanoseconds
+
+    @property
+    def max_us(self) -> int:
+        return self.max_ns // 1000
 
     def percentile(self, fraction: float) -> int:
         """The upper edge (us) of the bucket that holds the request at ``fraction`` of the count."""

@@ -174,3 +174,18 @@ async def test_status_reports_the_chain_and_the_io(tmp_path):
         assert status["io"]["read"]["requests"] == 1 and status["io"]["flush"]["requests"] == 1
         assert status["operation"] is None and not status["paused"]
         assert [layer["path"] for layer in chain_info(disk)] == [str(p) for p in disk.chain()]
+
+
+async def test_a_checkpoint_merged_away_at_once_leaves_a_chain_that_opens(tmp_path):
+    """An inner layer that holds nothing of its own: its parent takes nothing (its DataWriteGuid stays), and
+    the child above must be re-pointed to that one, not to the one a copy would have set."""
+    base = make_image(tmp_path / "disk.vhdx", 8 * MiB, block_size=MiB)
+    async with await AsyncDisk.open(base) as disk:
+        await disk.write(0, b"b" * MiB)
+        empty = await checkpoint(disk)
+        top = await checkpoint(disk)
+        await disk.write(MiB, b"t" * MiB)
+        await merge(disk, empty)
+        assert disk.chain() == [top, base]
+    with Disk.open(top) as reopened:
+        assert bytes(reopened.read(0, 2 * MiB)) == b"b" * MiB + b"t" * MiB

@@ -15,7 +15,8 @@ from typing import Any
 
 from .disk.runs import Extent, Kind
 from .disk.sync import Disk
-from .image.host import FileBase, HostFactory, HostIO, MemoryFile, PosixFile
+from .image.host import FileBase, HostFactory, HostIO, MemoryFile
+from .image.posix import PosixFile
 
 # The image operations load on first use: a command imports only what it runs (fast start).
 _LAZY = {

@@ -27,7 +27,8 @@ from ..disk.chain import open_chain
 from ..disk.core import DiskCore
 from ..disk.runs import Extent, Kind
 from ..disk.sync import DiskFacts, widened, zero_pieces
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
+from ..image.posix import PosixFile
 from .asynchost import AsyncHost
 from .drive import drive
 from .gate import Gate

@@ -12,8 +12,9 @@ import uuid
 
 from ...errors import ParentError, Reason, VhdxError
 from ..image import chainrecord, parents
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
 from ..image.loader import VhdxFile
+from ..image.posix import PosixFile
 from .core import DiskCore
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from ...errors import Reason, VhdxError
-from ..image.host import HostFactory, HostIO, PosixFile
+from ..image.host import HostFactory, HostIO
+from ..image.posix import PosixFile
 from .chain import open_chain
 from .core import DiskCore
 from .runs import Extent, Kind

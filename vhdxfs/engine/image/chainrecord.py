@@ -28,9 +28,9 @@ import os
 from pathlib import Path
 
 from ...errors import Reason, VhdxError
-from .host import PosixFile
 from .loader import VhdxFile
 from .parents import MAX_CHAIN_DEPTH, find_parent
+from .posix import PosixFile
 
 SUFFIX = ".chain"
 _FORMAT = "vhdxfs-chain"

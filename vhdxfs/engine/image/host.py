@@ -3,49 +3,26 @@
 ``HostIO`` is what the engine needs of a file: positioned reads and writes, fdatasync, size changes, hole
 punching. Every method is synchronous and may block. Three kinds stand behind it:
 
-- ``PosixFile``: an OS file, with the image's lock held (the normal case);
+- ``PosixFile`` (posix.py): an OS file, with the image's lock held (the normal case);
 - ``MemoryFile``: bytes in memory (tests, fuzzing: no OS file, no lock);
 - fault-injecting files in the tests (tests/crash/powercut.py), which build on ``FileBase`` as these do.
 
 Who calls what: structures (headers, log, region table, metadata, BAT pages, sector bitmaps) are read and
-written directly through these methods. Payload data moves through the engine's I/O driver: directly in
-the synchronous core (disk.py), through a write-back queue in the async wrapper (aio/host.py), which
+written directly through these methods. Payload data moves through the engine's drivers: directly in the
+synchronous one (engine/disk/sync.py), through a write-back queue in the trio one (engine/aio/), which
 also keeps the trio loop off the disk.
-
-Locks are Linux open-file-description (OFD) record locks on the whole file: per open file, not per
-process, and on NFS (via NLM) and CIFS they become byte-range locks the server enforces, unlike flock.
-QEMU uses the same kind of lock on a few bytes of the image, so a mounted image also keeps QEMU out.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
-import functools
 import os
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ...errors import HostIOError, ImageLockedError
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-
-
-@functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int]:
-    """libc's fallocate(2) (Python has no os.fallocate with mode flags); looked up on first use."""
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    fallocate: Callable[[int, int, int, int], int] = libc.fallocate
-    return fallocate
+from ...errors import HostIOError
 
 
 class HostIO(Protocol):
@@ -64,6 +41,7 @@ class HostIO(Protocol):
     def punch_hole(self, offset: int, length: int) -> bool: ...
     def write_zeros(self, offset: int, length: int) -> None: ...
     def allocate(self, offset: int, length: int) -> None: ...
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]: ...
     def set_writable(self, writable: bool) -> None: ...
     def close(self) -> None: ...
 
@@ -130,159 +108,10 @@ class FileBase(ABC):
         writes into, or the old top that a checkpoint freezes."""
         self.writable = writable
 
-
-class PosixFile(FileBase):
-    """An image file on the host, opened read-only or read-write, with the matching lock held."""
-
-    def __init__(self, path: str | os.PathLike[str], *, writable: bool, lock: bool = True) -> None:
-        self.path = Path(path)
-        self.writable = writable
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(self.path, flags)
-        except OSError as exc:
-            raise HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno) from None
-        self.punch_supported = True
-        self.locked = lock
-        self._fd_writable = writable
-        if lock:
-            try:
-                self._lock(exclusive=writable)
-            except BaseException:
-                os.close(self.fd)
-                raise
-
-    def _lock(self, *, exclusive: bool) -> None:
-        lock_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-        # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD).
-        arg = struct.pack("hhqqi4x", lock_type, os.SEEK_SET, 0, 0, 0)
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, arg)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                how = "written" if exclusive else "read"
-                raise ImageLockedError(f"image is in use by another process (locked; cannot be {how} now)",
-                                       path=self.path) from None
-            raise self._error(exc) from None
-
-    def set_writable(self, writable: bool) -> None:
-        """Change what this open may do with the file locked all along: read-only turns the exclusive lock
-        into a shared one on the same descriptor (an OFD lock changes mode in place, so no other process
-        can take the file in between); writable takes the exclusive lock, on a descriptor open for writing
-        (reopened first, holding a shared lock meanwhile). Refused with ImageLockedError, and nothing
-        changed, while another process reads the file."""
-        if writable == self.writable:
-            return
-        if not writable:
-            if self.locked:
-                self._lock(exclusive=False)
-            self.writable = False
-            return
-        if not self._fd_writable:
-            self._reopen_for_writing()
-        if self.locked:
-            self._lock(exclusive=True)
-        self.writable = True
-
-    def _reopen_for_writing(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise self._error(exc) from None
-        try:
-            old, new = os.fstat(self.fd), os.fstat(fd)
-            if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
-                raise HostIOError("the file was replaced while it was open (its path names another file now)",
-                                  path=self.path, errno=errno.ESTALE)
-            if self.locked:  # a shared lock first: ours on the old descriptor allows it, so there is no gap
-                previous, self.fd = self.fd, fd
-                try:
-                    self._lock(exclusive=False)
-                except BaseException:
-                    self.fd = previous
-                    raise
-                fd = previous
-            else:
-                self.fd, fd = fd, self.fd
-            self._fd_writable = True
-        finally:
-            os.close(fd)
-
-    def _error(self, exc: OSError) -> HostIOError:
-        return HostIOError(exc.strerror or str(exc), path=self.path, errno=exc.errno)
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def pread_into(self, offset: int, view: memoryview) -> None:
-        """Fill ``view`` from ``offset``; past the end of the file it reads zeros. The read primitive."""
-        done = 0
-        try:
-            while done < len(view):
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-                if n == 0:
-                    view[done:] = bytes(len(view) - done)
-                    return
-                done += n
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def read_cached(self, offset: int, view: memoryview) -> bool:
-        """Fill ``view`` from the page cache without blocking (RWF_NOWAIT); False if the disk is needed."""
-        if not _NOWAIT or self.fd < 0:
-            return False
-        try:
-            return os.preadv(self.fd, [view], offset, _NOWAIT) == len(view)
-        except OSError:
-            return False  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here; pread_into decides
-
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
-                offset += n
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def fdatasync(self) -> None:
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def truncate(self, size: int) -> None:
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def punch_hole(self, offset: int, length: int) -> bool:
-        """Return the range's space to the host; it reads as zeros after. False if the host can't."""
-        if not self.punch_supported or length <= 0:
-            return False
-        if _fallocate()(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-            self.punch_supported = False
-            return False
-        raise HostIOError(os.strerror(err), path=self.path, errno=err)
-
-    def allocate(self, offset: int, length: int) -> None:
-        """Reserve host space (fixed images); falls back to a sparse extension where unsupported."""
-        try:
-            os.posix_fallocate(self.fd, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise self._error(exc) from None
-            super().allocate(offset, length)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """[start, end) of the parts of [offset, offset+length) the file may store anything but zeros in;
+        a file that cannot tell says all of it."""
+        return [(offset, offset + length)]
 
 
 class MemoryFile(FileBase):

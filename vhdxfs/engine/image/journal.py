@@ -35,6 +35,16 @@ class Overlay:
     def __bool__(self) -> bool:
         return bool(self.ops)
 
+    def ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """[start, end) of every replayed update inside [offset, offset+length)."""
+        out = []
+        for op in self.ops:
+            n = LOG_SECTOR_SIZE if isinstance(op, logfmt.DataDescriptor) else op.length
+            start, end = max(op.file_offset, offset), min(op.file_offset + n, offset + length)
+            if start < end:
+                out.append((start, end))
+        return out
+
     def patch(self, offset: int, buf: bytearray) -> None:
         """Apply every replayed update that intersects [offset, offset+len(buf)) to ``buf``, in order."""
         end = offset + len(buf)

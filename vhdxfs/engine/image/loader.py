@@ -32,9 +32,10 @@ from ...format.constants import (
 from ...format.header import Header, check_file_identifier, current_header
 from ...format.region import RegionTable
 from . import journal
-from .block_table import BlockAllocationTable
+from .block_table import BlockAllocationTable, stored_pages
 from .headers import HeaderState
-from .host import HostFactory, HostIO, PosixFile
+from .host import HostFactory, HostIO
+from .posix import PosixFile
 from .spacemap import SpaceMap, Span
 
 
@@ -225,8 +226,8 @@ class VhdxFile:
             raise CorruptImageError(f"BAT region of {bat_region.length} bytes cannot hold "
                                     f"{self.geometry.total_entries} entries", field="RegionTable.Length",
                                     reason=Reason.CORRUPT_REGION_TABLE)
-        raw = self.read_meta(bat_region.file_offset, self.geometry.bat_bytes)
-        self.bat = BlockAllocationTable(self.geometry, raw, bat_region.file_offset)
+        pages = stored_pages(self.host, self.overlay, self.read_meta, bat_region.file_offset, self.geometry.bat_bytes)
+        self.bat = BlockAllocationTable(self.geometry, pages, bat_region.file_offset)
         bad = self.bat.entry_problems(self.disk_type)
         bad.update(self.space_map(exclude=bad).problems())
         if bad and not self.lenient:

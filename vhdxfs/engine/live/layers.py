@@ -30,7 +30,6 @@ from ..ops.create import parent_locator_for
 from .state import Operation
 
 COPY_PIECE = 4 << 20  # bytes read and written at a time by a merge's copy
-_SCAN = 1 << 16  # BAT entries looked at a time for blocks a layer holds
 
 
 def layers(disk: AsyncDisk) -> list[DiskCore]:
@@ -99,18 +98,13 @@ async def repoint(disk: AsyncDisk, child: DiskCore, parent: DiskCore, linkage: u
 
 def own_blocks(layer: DiskCore) -> list[int]:
     """The payload blocks ``layer`` answers for itself (anything but NOT_PRESENT): what a merge copies down."""
-    g, entries = layer.geometry, layer.bat.entries
-    step = g.chunk_ratio + 1  # every chunk_ratio payload entries, one sector bitmap entry
+    g = layer.geometry
     out = []
-    for base_index in range(0, len(entries), _SCAN):
-        chunk = entries[base_index:base_index + _SCAN]
-        if chunk.count(0) == len(chunk):
-            continue
-        for i, e in enumerate(chunk, base_index):
-            if e & 7 != PayloadState.NOT_PRESENT and (i + 1) % step:
-                block = g.block_of_index(i)
-                if block < g.data_blocks:
-                    out.append(block)
+    for index, e in layer.bat.holding():
+        if e & 7 != PayloadState.NOT_PRESENT and not g.is_bitmap_index(index):
+            block = g.block_of_index(index)
+            if block < g.data_blocks:
+                out.append(block)
     return out
 
 

@@ -73,7 +73,7 @@ async def merge(disk: AsyncDisk, name: str | os.PathLike[str],
                 copied, passes = await copy_down(disk, layer, parent, own_blocks(layer), op), 1
                 if progress:
                     progress(op)
-                await _switch_inner(disk, chain[place - 1], layer, parent, upcoming, op)
+                await _switch_inner(disk, chain[place - 1], layer, parent, op)
         except BaseException:
             with trio.CancelScope(shield=True):
                 if parent in layers(disk) and parent is not disk.core:
@@ -117,7 +117,7 @@ async def _refreeze(disk: AsyncDisk, parent: DiskCore) -> None:
 
 
 async def _switch_inner(disk: AsyncDisk, child: DiskCore, layer: DiskCore, parent: DiskCore,
-                        upcoming: uuid.UUID, op: Operation) -> None:
+                        op: Operation) -> None:
     """Steps 3 and 4 for an inner LAYER, paused: P durable and frozen again, the child re-pointed, LAYER gone."""
     async with disk.paused():
         with trio.CancelScope(shield=True):
@@ -125,7 +125,9 @@ async def _switch_inner(disk: AsyncDisk, child: DiskCore, layer: DiskCore, paren
             await drive(parent.flusher.flush())
             await drive(parent.flusher.finish())
             await set_writable(disk, parent, False)
-            await repoint(disk, child, parent, upcoming)
+            # P's DataWriteGuid is the one chosen at step 1 once anything was copied; still its old one when
+            # LAYER held nothing of its own (a checkpoint merged away at once).
+            await repoint(disk, child, parent, parent.image.header.data_write_guid)
             chain = [item.path for item in layers(disk) if item is not layer]
             await trio.to_thread.run_sync(record, chain)
             host = disk.host_of(layer)

@@ -19,8 +19,9 @@ from typing import Any
 
 from ...errors import CorruptImageError, VhdxError
 from ..disk.sync import Disk
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
 from ..image.loader import Finding, VhdxFile
+from ..image.posix import PosixFile
 from .repair import repair_image
 
 # Findings of the loader that make an image inconsistent; the rest are warnings.

@@ -35,10 +35,11 @@ from ..disk.runs import Kind
 from ..disk.steps import SyncIO, run_sync
 from ..disk.sync import Disk
 from ..disk.translate import Translator, new_bitmaps
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate, PageEdits, check_fits, replace_item
 from ..image.parents import check_parent, find_parent
+from ..image.posix import PosixFile
 from .progress import Progress, no_progress
 
 CHUNK = 4 * MiB

@@ -23,9 +23,10 @@ from ...format.bat import BitmapState, entry_state
 from ...format.constants import MiB
 from ..disk.runs import Kind
 from ..disk.sync import Disk
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate
+from ..image.posix import PosixFile
 from .progress import Progress, no_progress
 
 COPY_CHUNK = 4 * MiB
@@ -83,7 +84,7 @@ def move_tail_blocks(path: str | os.PathLike[str], host_factory: HostFactory = P
                 if g.is_bitmap_index(index):
                     bat.set_bitmap(index // (g.chunk_ratio + 1), BitmapState.PRESENT, new)
                 else:
-                    bat.set_payload(g.block_of_index(index), entry_state(bat.entries[index]), new)
+                    bat.set_payload(g.block_of_index(index), entry_state(bat.entry(index)), new)
         if moves:
             # Copies are durable before the BAT names them (LoggedUpdate syncs first); any subset of these
             # entries is consistent, as every old copy stays intact until the truncation below.

@@ -35,9 +35,10 @@ from typing import Any
 from ...errors import CorruptImageError, Reason, UnsupportedError, VhdxError
 from ...format.bat import BitmapState, PayloadState
 from ...format.constants import REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, MiB
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
 from ..image.loader import Finding, VhdxFile
 from ..image.logged_update import LoggedUpdate, PageEdits
+from ..image.posix import PosixFile
 
 
 def _unrepairable(exc: VhdxError) -> str:

@@ -27,9 +27,10 @@ from ...format.constants import MAX_VIRTUAL_SIZE, REGION_TABLE_OFFSETS, MiB
 from ...format.region import RegionTable
 from ...sizes import format_size
 from ..image.chainrecord import check_not_frozen
-from ..image.host import HostFactory, PosixFile
+from ..image.host import HostFactory
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate, PageEdits, changed_pages, check_fits, replace_item
+from ..image.posix import PosixFile
 
 _HOLDS_DATA = (PayloadState.FULLY_PRESENT, PayloadState.PARTIALLY_PRESENT)
 _COMPARE_STEP = 4 * MiB
@@ -151,7 +152,7 @@ def resize_image(image: VhdxFile, new_size: int, shrink: bool = False) -> Resize
     if new_size > old.virtual_size and tail and image.bat.payload(last)[0] == PayloadState.FULLY_PRESENT:
         host.write_zeros(image.bat.payload(last)[1] + tail, bs - tail)
 
-    entries = array("Q", image.bat.entries[:new.total_entries])
+    entries = image.bat.to_array(new.total_entries)
     entries.frombytes(bytes(8 * (new.total_entries - len(entries))))
     bat_region = image.regions.region(guids.BAT_REGION)
     end = _align(max(host.size(), image.space_map().end()))

@@ -17,20 +17,21 @@ The parts: Translator (translate.py), Allocation (allocate.py), Flusher (flush.p
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from ...errors import OutOfRangeError, ReadOnlyError, Reason, VhdxError
 from ...format.bat import PayloadState
 from ..image.journal import LogWriter, Overlay
 from ..image.loader import VhdxFile
+from . import chainmap
 from .allocate import Allocation
+from .chainmap import ChainMap
 from .flush import Flusher
-from .guards import BlockGuards, Held, ReadPlan, WritePlan
-from .runs import Extent, Kind, Run, add_extent, add_run, blocks
+from .guards import BlockGuards, Held, ReadPlan
+from .runs import Extent, Kind, Run, add_extent, add_run
 from .steps import Step, StepIO
 from .translate import Translator, new_bitmaps
+from .writes import LayerWrites
 
 # Plain ints: compared on every request, where an IntEnum comparison costs a method call.
 _PRESENT = int(PayloadState.FULLY_PRESENT)
@@ -40,8 +41,10 @@ _DATA = Kind.DATA
 _run = tuple.__new__  # a Run from a tuple of its fields, without the NamedTuple's Python-level __new__
 
 
-class DiskCore:
+class DiskCore(LayerWrites):
     """One layer of a chain: an image file, its translation, allocation and flush; ``parent`` below it."""
+
+    parent: DiskCore | None
 
     def __init__(self, image: VhdxFile, parent: DiskCore | None) -> None:
         self.image = image
@@ -63,14 +66,18 @@ class DiskCore:
         self.io: StepIO
         self._attached: StepIO | None = None
         self._overlays = False  # does any layer of the chain read through a replayed log (set by ``chain``)
+        self.below: ChainMap[DiskCore] | None = None  # the top's: what answers below it (chainmap.py)
 
     def chain(self) -> DiskCore:
-        """Number the layers (depth) from this one, the top; this layer."""
+        """Number the layers (depth) from this one, the top, and map what answers below it afresh (after
+        any change of the chain); this layer."""
         layers = self.layers()
         overlays = any(layer.image.overlay is not None for layer in layers)
         for depth, layer in enumerate(layers):
             layer.depth = depth
             layer._overlays = overlays
+            layer.below = None
+        self.below = ChainMap(layers) if len(layers) > 1 else None
         return self
 
     def layers(self) -> list[DiskCore]:
@@ -97,11 +104,6 @@ class DiskCore:
         for layer in self.layers():
             layer.image.close()
 
-    def check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise OutOfRangeError(f"request {offset}+{length} lies outside the disk ({self.size} bytes)",
-                                  path=self.path)
-
     # -- reads --------------------------------------------------------------------------------------------
     def plan_read(self, offset: int, length: int) -> ReadPlan | None:
         """The plan of a read of [offset, offset+length), or None: ``prepare_read`` must load a bitmap first."""
@@ -116,6 +118,10 @@ class DiskCore:
                 counts[file_offset] = counts.get(file_offset, 0) + 1
                 return ReadPlan(offset, (_run(Run, (offset, length, _DATA, file_offset + within, self.depth)),),
                                 [(guards, file_offset)])
+            if state == _NOT_PRESENT and self.below is not None:  # one block of a frozen layer below
+                plan = self._plan_below(offset, length)
+                if plan is not None:
+                    return plan
         runs: list[Run] = []
         held: Held = []
         if self._resolve(offset, length, runs, held) is not None:
@@ -123,6 +129,25 @@ class DiskCore:
         for guards, block_offset in held:
             guards.hold(block_offset)
         return ReadPlan(offset, runs, held, self._patches(runs) if self._overlays else None)
+
+    def _plan_below(self, offset: int, length: int) -> ReadPlan | None:
+        """The one-block plan of a read the chain map sends to a FULLY_PRESENT block of one frozen layer."""
+        below = self.below
+        assert below is not None
+        grain = below.grain
+        if offset % grain + length > grain:
+            return None
+        code = below.entry(offset // grain)
+        if code >> 8 != chainmap.DATA:
+            return None
+        layer = below.layers[code & 0xFF]
+        block, within = divmod(offset, layer.block_size)
+        _state, file_offset = layer.bat.payload(block)
+        guards = layer.guards
+        counts = guards.counts
+        counts[file_offset] = counts.get(file_offset, 0) + 1
+        return ReadPlan(offset, (_run(Run, (offset, length, _DATA, file_offset + within, layer.depth)),),
+                        [(guards, file_offset)])
 
     def prepare_read(self, offset: int, length: int) -> Step[ReadPlan]:
         """Load what a read of [offset, offset+length) needs; its plan."""
@@ -145,9 +170,42 @@ class DiskCore:
                 out.append(run)
                 continue
             assert self.parent is not None
-            missing = self.parent._resolve(run.offset, run.length, out, held)
+            if self.below is not None:
+                missing = self._resolve_below(run.offset, run.length, out, held)
+            else:
+                missing = self.parent._resolve(run.offset, run.length, out, held)
             if missing is not None:
                 return missing
+        return None
+
+    def _resolve_below(self, offset: int, length: int, out: list[Run], held: Held | None
+                       ) -> tuple[DiskCore, int] | None:
+        """``_resolve`` of a range the top leaves to its parents, through the chain map: one BAT lookup per
+        map block instead of a walk, but for PARTIALLY_PRESENT blocks, which walk from their layer."""
+        below = self.below
+        assert below is not None
+        grain, layers = below.grain, below.layers
+        pos, end = offset, offset + length
+        while pos < end:
+            m = pos // grain
+            code = below.entry(m)
+            n = (min((m + 1) * grain, end) if end <= (m + 1) * grain else below.same_until(pos, code, end)) - pos
+            kind, layer = code >> 8, layers[code & 0xFF]
+            if kind == chainmap.DATA:
+                block, within = divmod(pos, layer.block_size)
+                _state, file_offset = layer.bat.payload(block)
+                add_run(out, pos, n, _DATA, file_offset + within, layer.depth)
+                if held is not None:
+                    held.append((layer.guards, file_offset))
+            elif kind == chainmap.ZERO:
+                add_run(out, pos, n, Kind.ZERO, -1, layer.depth)
+            elif kind == chainmap.HOLE:
+                add_run(out, pos, n, Kind.HOLE, -1, layer.depth)
+            else:
+                missing = layer._resolve(pos, n, out, held)
+                if missing is not None:
+                    return missing
+            pos += n
         return None
 
     def _load_missing(self, offset: int, length: int) -> Step[None]:
@@ -178,106 +236,6 @@ class DiskCore:
             depth = run.depth - self.depth
             add_extent(out, Extent(run.offset, run.length, run.kind, layers[depth].path, depth, run.file_offset))
         return out
-
-    # -- writes -------------------------------------------------------------------------------------------
-    def _writable(self) -> None:
-        if self.read_only:
-            raise ReadOnlyError("image is open read-only", path=self.path)
-
-    def plan_write(self, offset: int, length: int) -> WritePlan | None:
-        """The plan of a write of [offset, offset+length), or None: ``prepare_write`` must first change the
-        DataWriteGuid, allocate or load a bitmap; or, when ``sector_span`` differs from the range, the
-        driver must widen the write to whole sectors (a sector bitmap has no finer grain)."""
-        if self.read_only:
-            self._writable()
-        if offset < 0 or length < 0 or offset + length > self.size:
-            self.check_range(offset, length)
-        if not self.headers.data_writes_begun:
-            return None
-        bs = self.block_size
-        block, within = divmod(offset, bs)
-        if within + length <= bs:  # most requests: one block, allocated
-            state, file_offset = self.bat.payload(block)
-            if state == _PRESENT:
-                guards = self.guards
-                counts = guards.counts  # guards.hold(file_offset), written out
-                counts[file_offset] = counts.get(file_offset, 0) + 1
-                return WritePlan(offset, (_run(Run, (offset, length, _DATA, file_offset + within, 0)),), guards,
-                                 [file_offset])
-        runs: list[Run] = []
-        used: list[int] = []
-        marks: list[Callable[[], None]] = []
-        aligned = self.sector_span(offset, length) == (offset, offset + length)
-        for block, within, pos, n in blocks(offset, length, bs):
-            state, file_offset = self.bat.payload(block)
-            if state == _PARTIAL:
-                if not aligned or not self.translator.loaded(block // self.geometry.chunk_ratio):
-                    return None
-                marks.append(functools.partial(self.allocation.mark_present, block, pos, n))
-            elif state != _PRESENT:
-                return None
-            add_run(runs, pos, n, _DATA, file_offset + within)
-            used.append(file_offset)
-        for block_offset in used:
-            self.guards.hold(block_offset)
-        return WritePlan(offset, runs, self.guards, used, marks)
-
-    def sector_span(self, offset: int, length: int) -> tuple[int, int]:
-        """[start, end) a write of the range must cover: whole sectors in a differencing image."""
-        if self.parent is None:
-            return offset, offset + length
-        lss = self.geometry.logical_sector_size
-        return offset // lss * lss, -(-(offset + length) // lss) * lss
-
-    def prepare_write(self, offset: int, length: int) -> Step[WritePlan]:
-        """Do what a write of [offset, offset+length) needs (its range: ``sector_span`` of itself); its plan."""
-        self._writable()
-        self.check_range(offset, length)
-        if self.sector_span(offset, length) != (offset, offset + length):
-            raise VhdxError(f"internal: a write at {offset}+{length} into a differencing image must cover whole "
-                            "sectors", path=self.path, reason=Reason.INTERNAL)
-        if not self.headers.data_writes_begun:
-            # 2.2.2.1: a new DataWriteGuid before the first change a reader of the disk could observe.
-            yield (self.io.call, self.headers.begin_data_writes)
-        while (plan := self.plan_write(offset, length)) is None:
-            for block, _within, _pos, _n in blocks(offset, length, self.block_size):
-                state, _file_offset = self.bat.payload(block)
-                if state != _PRESENT and (state != _PARTIAL or not self.translator.loaded(
-                        block // self.geometry.chunk_ratio)):
-                    yield from self.allocation.allocate(block)  # also loads a PARTIALLY_PRESENT block's bitmap
-        return plan
-
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> Step[list[tuple[int, int]]]:
-        """The range reads as zeros afterwards (never as the parent). With ``unmap``, whole blocks give their
-        space back (they become ZERO); without, allocated blocks stay allocated and hold zeros.
-
-        Returns the ranges the driver must still write zeros into: where a parent shows through."""
-        self._writable()
-        self.check_range(offset, length)
-        cover: list[tuple[int, int]] = []
-        if not length:
-            return cover
-        if not self.headers.data_writes_begun:
-            yield (self.io.call, self.headers.begin_data_writes)
-        bs, has_parent = self.block_size, self.parent is not None
-        for block, within, pos, n in blocks(offset, length, bs):
-            whole = within == 0 and n == min(bs, self.size - block * bs)
-            state, _file_offset = self.bat.payload(block)
-            if unmap and whole and not self.fixed and (has_parent or state in (_PRESENT, _PARTIAL)):
-                yield from self.allocation.unmap(block)
-            elif state == _PRESENT:
-                plan = self.plan_write(pos, n)
-                assert plan is not None, "a write into a FULLY_PRESENT block needs nothing first"
-                try:
-                    for run in plan.runs:
-                        yield (self.io.write_zeros, run.file_offset, run.length)
-                except BaseException:
-                    plan.release()
-                    raise
-                plan.complete()
-            elif has_parent and state in (_PARTIAL, _NOT_PRESENT):  # the parent shows through: cover it
-                cover.append((pos, n))
-        return cover
 
     # -- durability ---------------------------------------------------------------------------------------
     def flush(self) -> Step[None]:

@@ -16,7 +16,7 @@ from ...format.bat import Geometry, PayloadState
 from ...format.constants import SECTOR_BITMAP_BLOCK_SIZE
 from ..image.bitmaps import SectorBitmaps, bit_runs
 from ..image.block_table import BlockAllocationTable
-from .runs import Kind, Run, add_run, blocks
+from .runs import Kind, Run, add_run
 from .steps import Step, StepIO
 
 _PRESENT = int(PayloadState.FULLY_PRESENT)
@@ -45,8 +45,13 @@ class Translator:
         file offset of every block they read from to ``used``; or stop at the first bitmap not loaded."""
         bs = self.geometry.block_size
         zero_kind = Kind.PARENT if self.has_parent else Kind.HOLE
-        for block, within, pos, n in blocks(offset, length, bs):
+        pos, end = offset, offset + length
+        while pos < end:
+            block, within = divmod(pos, bs)
+            n = min(bs - within, end - pos)
             state, file_offset = self.bat.payload(block)
+            if state == _NOT_PRESENT and end - pos > n:  # a stretch of them, skipped a page at a time
+                n = min(self.bat.next_block_held(block) * bs, end) - pos
             if state == _PRESENT:
                 add_run(runs, pos, n, Kind.DATA, file_offset + within, depth)
             elif state == _PARTIAL:
@@ -60,12 +65,11 @@ class Translator:
                         add_run(runs, voff, m, Kind.PARENT, -1, depth)
             elif state == _NOT_PRESENT:
                 add_run(runs, pos, n, zero_kind, -1, depth)
-                continue
             else:
                 add_run(runs, pos, n, Kind.ZERO, -1, depth)
-                continue
-            if used is not None:
+            if used is not None and state in (_PRESENT, _PARTIAL):
                 used.append(file_offset)
+            pos += n
         return None
 
     def sector_runs(self, offset: int, n: int) -> list[tuple[int, int, bool]] | NeedBitmap:

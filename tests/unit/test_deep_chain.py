@@ -103,7 +103,6 @@ def test_twenty_layers_read_as_the_model_and_the_map_agrees_with_the_walk(tmp_pa
 
 
 async def test_checkpoints_taken_while_writes_run_keep_the_model(tmp_path):
-    rnd = random.Random(24)
     base = make_image(tmp_path / "disk.vhdx", SIZE, block_size=2 * MiB)
     model = bytearray(SIZE)
     async with await AsyncDisk.open(base) as disk:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-FRONT_ENDS = {"fuse": "harness.fuse", "nbd": "harness.nbd", "side-by-side": "harness.side_by_side"}
+FRONT_ENDS = {"fuse": "harness.fuse", "nbd": "harness.nbd", "side-by-side": "harness.side_by_side",
+              "chain": "harness.chain"}
 
 
 def main() -> int:

@@ -2,9 +2,15 @@
 
 With TLS configured the server runs in FORCEDTLS mode: before STARTTLS every option but STARTTLS and
 ABORT is answered NBD_REP_ERR_TLS_REQD, and EXPORT_NAME (which cannot be answered with an error) ends the
-session. Unknown options get NBD_REP_ERR_UNSUP and malformed ones NBD_REP_ERR_INVALID; the session goes
-on. What ends it: a bad magic, unknown client flags, an option longer than 64 KiB, a failed TLS
-handshake, the client leaving, or the time-out around the whole negotiation (server.py).
+session. Unknown options get NBD_REP_ERR_UNSUP, malformed ones NBD_REP_ERR_INVALID (more than 64 metadata
+context queries: NBD_REP_ERR_TOO_BIG); the session goes on. What ends it: a bad magic, unknown client
+flags, an option longer than 64 KiB, a failed TLS handshake, the client leaving, or the time-out around
+the whole negotiation (server.py).
+
+Metadata contexts: ``base:allocation`` and ``qemu:allocation-depth`` (protocol.py ``select_contexts`` says
+which queries name them); SET_META_CONTEXT gives them the fixed ids 1 and 2, and its selection holds for
+the export it named once the client enters transmission with that export (transmission.py answers
+BLOCK_STATUS with one chunk per selected context).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from .exports import Export, Exports
 from .wire import Wire
 
 log = logging.getLogger("vhdxfs.nbd")
-BASE_ALLOCATION_ID = 1  # the metadata context id of base:allocation
+# The metadata context ids SET_META_CONTEXT gives: fixed, one per context this server offers.
+BASE_ALLOCATION_ID, ALLOCATION_DEPTH_ID = 1, 2
+CONTEXT_IDS = {p.BASE_ALLOCATION: BASE_ALLOCATION_ID, p.ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID}
 
 
 @dataclass
@@ -32,7 +40,7 @@ class Session:
     no_zeroes: bool = False
     tls: bool = False
     contexts_for: str | None = None  # the export SET_META_CONTEXT chose its contexts for
-    contexts: dict[int, str] = field(default_factory=dict)
+    contexts: dict[int, str] = field(default_factory=dict)  # id -> name, as SET_META_CONTEXT answered
 
 
 class Aborted(Exception):
@@ -56,6 +64,8 @@ async def negotiate(wire: Wire, exports: Exports) -> Session:
         try:
             if await _option(wire, exports, session, option, data):
                 return session
+        except p.TooBig as exc:
+            await _reply(wire, option, p.REP_ERR_TOO_BIG, str(exc))
         except p.OptionError as exc:
             await _reply(wire, option, p.REP_ERR_INVALID, str(exc))
 
@@ -91,6 +101,8 @@ async def _option(wire: Wire, exports: Exports, session: Session, option: int, d
         session.structured = True
         await _reply(wire, option, p.REP_ACK)
     elif option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+        if option == p.OPT_SET_META_CONTEXT:  # replaces the selection, even when it fails
+            session.contexts, session.contexts_for = {}, None
         await _meta_context(wire, exports, session, option, p.parse_meta_context_request(data))
     else:
         await _reply(wire, option, p.REP_ERR_UNSUP, f"option {option} is not supported")
@@ -142,13 +154,10 @@ async def _info(wire: Wire, exports: Exports, session: Session, option: int, req
     return True
 
 
-def _matches(query: str, listing: bool) -> bool:
-    """Does ``query`` select base:allocation? ("base:" is a wildcard when listing; others are ignored.)"""
-    return query == p.BASE_ALLOCATION or (listing and query == "base:")
-
-
 async def _meta_context(wire: Wire, exports: Exports, session: Session, option: int,
                         request: p.MetaContextRequest) -> None:
+    """LIST_META_CONTEXT answers the contexts the queries name (context id 0, as the protocol asks);
+    SET_META_CONTEXT selects them, each with its id, for the export named."""
     if not session.structured:
         raise p.OptionError("negotiate structured replies first")
     export = exports.find(request.name)
@@ -156,14 +165,11 @@ async def _meta_context(wire: Wire, exports: Exports, session: Session, option: 
         await _reply(wire, option, p.REP_ERR_UNKNOWN, f"no export called {request.name!r}")
         return
     listing = option == p.OPT_LIST_META_CONTEXT
-    for query in request.queries:
-        if ":" not in query:
-            raise p.OptionError(f"query {query!r} has no namespace")
-    selected = any(_matches(q, listing) for q in request.queries) or (listing and not request.queries)
+    names = p.select_contexts(request.queries, listing=listing)
     if not listing:
-        session.contexts = {BASE_ALLOCATION_ID: p.BASE_ALLOCATION} if selected else {}
+        session.contexts = {CONTEXT_IDS[name]: name for name in names}
         session.contexts_for = export.name
-    if selected:
-        context_id = 0 if listing else BASE_ALLOCATION_ID
-        await _reply_data(wire, option, p.REP_META_CONTEXT, p.meta_context_entry(context_id, p.BASE_ALLOCATION))
+    for name in names:
+        context_id = 0 if listing else CONTEXT_IDS[name]
+        await _reply_data(wire, option, p.REP_META_CONTEXT, p.meta_context_entry(context_id, name))
     await _reply(wire, option, p.REP_ACK)

@@ -91,7 +91,14 @@ REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_BLOC
 REPLY_TYPE_ERROR = (1 << 15) + 1
 
 STATE_HOLE, STATE_ZERO = 1 << 0, 1 << 1  # base:allocation's flags
-BASE_ALLOCATION = "base:allocation"
+
+# -- metadata contexts ----------------------------------------------------------------------------------
+BASE_ALLOCATION = "base:allocation"  # the protocol's: NBD_STATE_HOLE and NBD_STATE_ZERO
+# QEMU's (docs/interop/nbd.txt): each extent's whole 32-bit value is the depth in the backing chain of the
+# layer that holds it, 0 unallocated anywhere, 1 the exported image itself, 2 its parent...
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+META_CONTEXTS = (BASE_ALLOCATION, ALLOCATION_DEPTH)  # every context this server offers, in this order
+MAX_QUERIES = 64  # of one LIST or SET_META_CONTEXT: more are answered NBD_REP_ERR_TOO_BIG
 
 # Errors on the wire (the protocol's, which happen to be Linux errnos).
 EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
@@ -113,6 +120,10 @@ class ProtocolError(Exception):
 
 class OptionError(Exception):
     """An option's data is malformed: answered with NBD_REP_ERR_INVALID, the session goes on."""
+
+
+class TooBig(OptionError):
+    """An option asks for more than the server takes at once: answered NBD_REP_ERR_TOO_BIG, the session goes on."""
 
 
 # -- handshake messages ---------------------------------------------------------------------------------
@@ -207,8 +218,8 @@ def parse_meta_context_request(data: bytes) -> MetaContextRequest:
         raise OptionError("query count missing")
     (count,) = struct.unpack_from(">I", data, at)
     at += 4
-    if count > 64:
-        raise OptionError(f"{count} queries: too many")
+    if count > MAX_QUERIES:
+        raise TooBig(f"{count} queries: at most {MAX_QUERIES} are taken at once")
     queries = []
     for i in range(count):
         query, at = _string(data, at, f"query {i + 1}")
@@ -216,6 +227,25 @@ def parse_meta_context_request(data: bytes) -> MetaContextRequest:
     if at != len(data):
         raise OptionError("bytes after the last query")
     return MetaContextRequest(name, tuple(queries))
+
+
+def select_contexts(queries: tuple[str, ...], *, listing: bool) -> tuple[str, ...]:
+    """The contexts of META_CONTEXTS that ``queries`` name, each once and in META_CONTEXTS order.
+
+    Both options take full names (``base:allocation``, ``qemu:allocation-depth``). Listing takes wildcards
+    besides: no query at all lists every context, and a namespace with an empty leaf-name (``base:``,
+    ``qemu:``) lists that namespace's; setting ignores them, as the protocol asks. Unknown names, in a known
+    namespace or not, select nothing and are no error (``qemu:dirty-bitmap:x``: this server has no dirty
+    bitmaps). A query without a namespace is malformed: OptionError.
+    """
+    for query in queries:
+        namespace, colon, _ = query.partition(":")
+        if not colon or not namespace:
+            raise OptionError(f"query {query!r} has no namespace")
+    if listing and not queries:
+        return META_CONTEXTS
+    return tuple(name for name in META_CONTEXTS
+                 if name in queries or (listing and name[:name.index(":") + 1] in queries))
 
 
 def info_export(size: int, flags: int) -> bytes:
@@ -288,7 +318,8 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     return chunk(cookie, REPLY_TYPE_ERROR, 6 + len(text), done=True) + struct.pack(">IH", error, len(text)) + text
 
 
-def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
-    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, flags) descriptors, all for one metadata context."""
+def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]], *, done: bool = True) -> bytes:
+    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, flags) descriptors, all for one metadata context (a reply has
+    one such chunk per context the client selected, the last one ``done``)."""
     body = struct.pack(">I", context_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
-    return chunk(cookie, REPLY_TYPE_BLOCK_STATUS, len(body), done=True) + body
+    return chunk(cookie, REPLY_TYPE_BLOCK_STATUS, len(body), done=done) + body

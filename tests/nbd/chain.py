@@ -60,17 +60,26 @@ class Chain:
 
     def depths(self, k: int) -> list[tuple[int, int, int]]:
         """(offset, length, depth) runs of qemu:allocation-depth when layer ``k`` is the export."""
-        sectors = bytearray(SIZE // SECTOR)
-        for j, layer in enumerate(self.layers[:k + 1]):
-            value = k - j + 1
-            for offset, data in layer.writes:
-                start, end = offset, offset + len(data)
-                if j == 0:  # the base allocates whole blocks
-                    start, end = start // BLOCK * BLOCK, -(-end // BLOCK) * BLOCK
-                sectors[start // SECTOR:-(-end // SECTOR)] = bytes([value]) * (-(-end // SECTOR) - start // SECTOR)
-            for offset, length in layer.discards:
-                sectors[offset // SECTOR:(offset + length) // SECTOR] = bytes([value]) * (length // SECTOR)
-        return runs(sectors)
+        return allocation_depths(SIZE, [([(o, len(d)) for o, d in layer.writes], layer.discards)
+                                        for layer in self.layers[:k + 1]])
+
+
+def allocation_depths(size: int, layers: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]],
+                      base_block: int = BLOCK) -> list[tuple[int, int, int]]:
+    """(offset, length, depth) runs of qemu:allocation-depth for a chain whose layers (the base first, the
+    export last) saw these (offset, length) writes and whole-block discards."""
+    sectors = bytearray(size // SECTOR)
+    for j, (writes, discards) in enumerate(layers):
+        value = len(layers) - j
+        for offset, length in writes:
+            start, end = offset, offset + length
+            if j == 0:  # the base allocates whole blocks
+                start, end = start // base_block * base_block, -(-end // base_block) * base_block
+            first, last = start // SECTOR, -(-end // SECTOR)
+            sectors[first:last] = bytes([value]) * (last - first)
+        for offset, length in discards:
+            sectors[offset // SECTOR:(offset + length) // SECTOR] = bytes([value]) * (length // SECTOR)
+    return runs(sectors)
 
 
 def runs(sectors: bytearray) -> list[tuple[int, int, int]]:

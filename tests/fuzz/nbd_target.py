@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from vhdxfs.nbd import admission
 from vhdxfs.nbd import protocol as p
 from vhdxfs.nbd.exports import MAX_PAYLOAD
-from vhdxfs.nbd.handshake import Session
+from vhdxfs.nbd.handshake import META_CONTEXTS, Session, select_contexts
 
 from .patches import Reader
 
@@ -40,8 +40,8 @@ def _option(header: bytes, r: Reader) -> None:
         meta = p.parse_meta_context_request(data)
         encoded = _string(meta.name) + struct.pack(">I", len(meta.queries)) + b"".join(map(_string, meta.queries))
         assert encoded == data
-        names = p.select_contexts(meta.queries, listing=option == p.OPT_LIST_META_CONTEXT)
-        assert len(set(names)) == len(names) and set(names) <= set(p.META_CONTEXTS)
+        names = select_contexts(meta.queries, listing=option == p.OPT_LIST_META_CONTEXT)
+        assert len(set(names)) == len(names) and set(names) <= set(META_CONTEXTS)
         assert option == p.OPT_LIST_META_CONTEXT or set(names) <= set(meta.queries)
 
 

@@ -1,6 +1,6 @@
 """Metadata contexts: ``base:allocation`` and ``qemu:allocation-depth``, listed, selected and answered.
 
-First the pure parts (protocol.select_contexts, transmission.descriptors), then a real `vhdxfs serve -o ro`
+First the pure parts (handshake.select_contexts, transmission.descriptors), then a real `vhdxfs serve -o ro`
 of a differencing chain's top beside a plain image, driven by tests/nbd/rawclient.py: what LIST and SET
 answer, the chunks of BLOCK_STATUS with one or both contexts (REQ_ONE per context), and what a client that
 breaks the rules gets: unknown ``qemu:`` contexts select nothing, too many queries are NBD_REP_ERR_TOO_BIG,
@@ -23,6 +23,7 @@ from tests.nbd.rawclient import OptionFailed, RawClient, meta_context_data
 from vhdxfs.engine import Extent, Kind
 from vhdxfs.nbd import protocol as p
 from vhdxfs.nbd import transmission
+from vhdxfs.nbd.handshake import select_contexts
 
 BASE, DEPTH = p.BASE_ALLOCATION, p.ALLOCATION_DEPTH
 BOTH = (BASE, DEPTH)
@@ -44,15 +45,15 @@ HOLE_ZERO = p.STATE_HOLE | p.STATE_ZERO
       "base:allocation ", "base:Allocation"), (), ()),  # unknown names, in known namespaces or not
 ])
 def test_select_contexts(queries, listed, selected):
-    assert p.select_contexts(queries, listing=True) == listed
-    assert p.select_contexts(queries, listing=False) == selected
+    assert select_contexts(queries, listing=True) == listed
+    assert select_contexts(queries, listing=False) == selected
 
 
 @pytest.mark.parametrize("query", ["allocation-depth", "", ":allocation-depth", ":"])
 def test_a_query_without_a_namespace_is_malformed(query):
     for listing in (True, False):
         with pytest.raises(p.OptionError):
-            p.select_contexts((DEPTH, query), listing=listing)
+            select_contexts((DEPTH, query), listing=listing)
 
 
 def test_more_than_64_queries_are_too_big():

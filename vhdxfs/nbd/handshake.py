@@ -7,10 +7,11 @@ context queries: NBD_REP_ERR_TOO_BIG); the session goes on. What ends it: a bad 
 flags, an option longer than 64 KiB, a failed TLS handshake, the client leaving, or the time-out around
 the whole negotiation (server.py).
 
-Metadata contexts: ``base:allocation`` and ``qemu:allocation-depth`` (protocol.py ``select_contexts`` says
-which queries name them); SET_META_CONTEXT gives them the fixed ids 1 and 2, and its selection holds for
-the export it named once the client enters transmission with that export (transmission.py answers
-BLOCK_STATUS with one chunk per selected context).
+Metadata contexts: ``base:allocation`` and ``qemu:allocation-depth`` (``select_contexts`` says which
+queries name them). SET_META_CONTEXT gives them the fixed ids 1 and 2; its selection holds if the client
+enters transmission with the export it named (transmission.py answers BLOCK_STATUS with one chunk per
+selected context). QEMU's context: an extent's whole 32-bit value is the depth in the backing chain of the
+layer that holds it, 0 unallocated in every layer, 1 the exported image itself, 2 its parent...
 """
 
 from __future__ import annotations
@@ -26,9 +27,29 @@ from .exports import Export, Exports
 from .wire import Wire
 
 log = logging.getLogger("vhdxfs.nbd")
-# The metadata context ids SET_META_CONTEXT gives: fixed, one per context this server offers.
+META_CONTEXTS = (p.BASE_ALLOCATION, p.ALLOCATION_DEPTH)  # every metadata context offered, in id order
+# The metadata context ids SET_META_CONTEXT gives: fixed, one per context.
 BASE_ALLOCATION_ID, ALLOCATION_DEPTH_ID = 1, 2
 CONTEXT_IDS = {p.BASE_ALLOCATION: BASE_ALLOCATION_ID, p.ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID}
+
+
+def select_contexts(queries: tuple[str, ...], *, listing: bool) -> tuple[str, ...]:
+    """The contexts of META_CONTEXTS that ``queries`` name, each once and in META_CONTEXTS order.
+
+    Both options take full names (``base:allocation``, ``qemu:allocation-depth``). Listing takes wildcards
+    besides: no query at all lists every context, and a namespace with an empty leaf-name (``base:``,
+    ``qemu:``) lists that namespace's; setting ignores them, as the protocol asks. Unknown names, in a known
+    namespace or not, select nothing and are no error (``qemu:dirty-bitmap:x``: this server has no dirty
+    bitmaps). A query without a namespace is malformed: OptionError.
+    """
+    for query in queries:
+        namespace, colon, _ = query.partition(":")
+        if not colon or not namespace:
+            raise p.OptionError(f"query {query!r} has no namespace")
+    if listing and not queries:
+        return META_CONTEXTS
+    return tuple(name for name in META_CONTEXTS
+                 if name in queries or (listing and name[:name.index(":") + 1] in queries))
 
 
 @dataclass
@@ -165,7 +186,7 @@ async def _meta_context(wire: Wire, exports: Exports, session: Session, option: 
         await _reply(wire, option, p.REP_ERR_UNKNOWN, f"no export called {request.name!r}")
         return
     listing = option == p.OPT_LIST_META_CONTEXT
-    names = p.select_contexts(request.queries, listing=listing)
+    names = select_contexts(request.queries, listing=listing)
     if not listing:
         session.contexts = {CONTEXT_IDS[name]: name for name in names}
         session.contexts_for = export.name

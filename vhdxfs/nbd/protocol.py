@@ -91,13 +91,8 @@ REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_BLOC
 REPLY_TYPE_ERROR = (1 << 15) + 1
 
 STATE_HOLE, STATE_ZERO = 1 << 0, 1 << 1  # base:allocation's flags
-
-# -- metadata contexts ----------------------------------------------------------------------------------
-BASE_ALLOCATION = "base:allocation"  # the protocol's: NBD_STATE_HOLE and NBD_STATE_ZERO
-# QEMU's (docs/interop/nbd.txt): each extent's whole 32-bit value is the depth in the backing chain of the
-# layer that holds it, 0 unallocated anywhere, 1 the exported image itself, 2 its parent...
-ALLOCATION_DEPTH = "qemu:allocation-depth"
-META_CONTEXTS = (BASE_ALLOCATION, ALLOCATION_DEPTH)  # every context this server offers, in this order
+BASE_ALLOCATION = "base:allocation"  # the protocol's metadata context: NBD_STATE_HOLE and NBD_STATE_ZERO
+ALLOCATION_DEPTH = "qemu:allocation-depth"  # QEMU's (interop/nbd.txt): the depth of the layer holding an extent
 MAX_QUERIES = 64  # of one LIST or SET_META_CONTEXT: more are answered NBD_REP_ERR_TOO_BIG
 
 # Errors on the wire (the protocol's, which happen to be Linux errnos).
@@ -229,25 +224,6 @@ def parse_meta_context_request(data: bytes) -> MetaContextRequest:
     return MetaContextRequest(name, tuple(queries))
 
 
-def select_contexts(queries: tuple[str, ...], *, listing: bool) -> tuple[str, ...]:
-    """The contexts of META_CONTEXTS that ``queries`` name, each once and in META_CONTEXTS order.
-
-    Both options take full names (``base:allocation``, ``qemu:allocation-depth``). Listing takes wildcards
-    besides: no query at all lists every context, and a namespace with an empty leaf-name (``base:``,
-    ``qemu:``) lists that namespace's; setting ignores them, as the protocol asks. Unknown names, in a known
-    namespace or not, select nothing and are no error (``qemu:dirty-bitmap:x``: this server has no dirty
-    bitmaps). A query without a namespace is malformed: OptionError.
-    """
-    for query in queries:
-        namespace, colon, _ = query.partition(":")
-        if not colon or not namespace:
-            raise OptionError(f"query {query!r} has no namespace")
-    if listing and not queries:
-        return META_CONTEXTS
-    return tuple(name for name in META_CONTEXTS
-                 if name in queries or (listing and name[:name.index(":") + 1] in queries))
-
-
 def info_export(size: int, flags: int) -> bytes:
     return struct.pack(">HQH", INFO_EXPORT, size, flags)
 
@@ -319,7 +295,6 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
 
 
 def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]], *, done: bool = True) -> bytes:
-    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, flags) descriptors, all for one metadata context (a reply has
-    one such chunk per context the client selected, the last one ``done``)."""
+    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, flags) descriptors of one metadata context (one chunk each)."""
     body = struct.pack(">I", context_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
     return chunk(cookie, REPLY_TYPE_BLOCK_STATUS, len(body), done=done) + body

@@ -3,7 +3,8 @@ phase's decisions taken before any I/O (vhdxfs/nbd/admission.py ``refusal`` and 
 Transmission calls for every request).
 
 The stream is read as the server reads it: the client flags, then option headers each followed by their
-data (parsed as INFO/GO or LIST/SET_META_CONTEXT requests when the option says so), then request headers.
+data (parsed as INFO/GO or LIST/SET_META_CONTEXT requests when the option says so, and the metadata
+context queries matched as the server matches them), then request headers.
 The documented errors are ProtocolError (the session ends) and OptionError (NBD_REP_ERR_INVALID); anything
 else is a crash. What parses must re-encode to the very bytes it came from: nothing is lost or invented.
 """
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 from vhdxfs.nbd import admission
 from vhdxfs.nbd import protocol as p
 from vhdxfs.nbd.exports import MAX_PAYLOAD
-from vhdxfs.nbd.handshake import Session
+from vhdxfs.nbd.handshake import META_CONTEXTS, Session, select_contexts
 
 from .patches import Reader
 
@@ -39,13 +40,16 @@ def _option(header: bytes, r: Reader) -> None:
         meta = p.parse_meta_context_request(data)
         encoded = _string(meta.name) + struct.pack(">I", len(meta.queries)) + b"".join(map(_string, meta.queries))
         assert encoded == data
+        names = select_contexts(meta.queries, listing=option == p.OPT_LIST_META_CONTEXT)
+        assert len(set(names)) == len(names) and set(names) <= set(META_CONTEXTS)
+        assert option == p.OPT_LIST_META_CONTEXT or set(names) <= set(meta.queries)
 
 
 def _request(header: bytes, flags: int) -> None:
     request = p.parse_request(header)
     assert p.REQUEST.pack(p.REQUEST_MAGIC, request.flags, request.type, request.cookie, request.offset,
                           request.length) == header
-    session = Session(contexts={1: p.BASE_ALLOCATION} if flags & 1 else {})
+    session = Session(contexts={1: p.BASE_ALLOCATION, 2: p.ALLOCATION_DEPTH} if flags & 1 else {})
     export = SimpleNamespace(read_only=bool(flags & 2), size=(flags >> 2) * 512)  # admission.ExportLimits
     refusal = admission.refusal(request, export, session)
     assert refusal in (0, *p.WIRE_ERRORS)

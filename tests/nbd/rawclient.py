@@ -56,6 +56,7 @@ class Reply:
     error: int = 0
     data: bytes = b""  # a READ's bytes (its data chunks in offset order, holes as zeros)
     extents: list[tuple[int, int]] = field(default_factory=list)  # BLOCK_STATUS (length, flags)
+    status: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # BLOCK_STATUS by context id
     chunks: list[tuple[int, int]] = field(default_factory=list)  # structured: (flags, type) of each chunk
     message: str = ""  # an error chunk's text
 
@@ -183,6 +184,13 @@ class RawClient:
             raise OptionFailed(replies[-1])
         return {struct.unpack(">I", r.data[:4])[0]: r.data[4:].decode() for r in replies[:-1]}
 
+    def list_meta_context(self, queries: tuple[str, ...] = (), name: str = "") -> list[tuple[int, str]]:
+        """The contexts the server lists: (id, name) of each NBD_REP_META_CONTEXT."""
+        replies = self.option(p.OPT_LIST_META_CONTEXT, meta_context_data(name, queries))
+        if replies[-1].type != p.REP_ACK:
+            raise OptionFailed(replies[-1])
+        return [(struct.unpack(">I", r.data[:4])[0], r.data[4:].decode()) for r in replies[:-1]]
+
     def info(self, name: str = "", items: tuple[int, ...] = (), *, option: int = p.OPT_INFO) -> Export:
         """NBD_OPT_INFO (or GO): the export's size and flags; OptionFailed on an error reply."""
         replies = self.option(option, info_data(name, items))
@@ -250,7 +258,10 @@ class RawClient:
             reply.data = _place(reply.data, offset - start, bytes(n), length)
         elif kind == p.REPLY_TYPE_BLOCK_STATUS:
             n = (len(payload) - 4) // 8
-            reply.extents += list(struct.iter_unpack(">II", payload[4:4 + 8 * n]))
+            (context_id,) = struct.unpack(">I", payload[:4])
+            descriptors = list(struct.iter_unpack(">II", payload[4:4 + 8 * n]))
+            reply.extents += descriptors
+            reply.status.setdefault(context_id, []).extend(descriptors)
         elif kind & (1 << 15):  # an error chunk
             reply.error, n = struct.unpack(">IH", payload[:6])
             reply.message = payload[6:6 + n].decode(errors="replace")

@@ -2,9 +2,16 @@
 
 With TLS configured the server runs in FORCEDTLS mode: before STARTTLS every option but STARTTLS and
 ABORT is answered NBD_REP_ERR_TLS_REQD, and EXPORT_NAME (which cannot be answered with an error) ends the
-session. Unknown options get NBD_REP_ERR_UNSUP and malformed ones NBD_REP_ERR_INVALID; the session goes
-on. What ends it: a bad magic, unknown client flags, an option longer than 64 KiB, a failed TLS
-handshake, the client leaving, or the time-out around the whole negotiation (server.py).
+session. Unknown options get NBD_REP_ERR_UNSUP, malformed ones NBD_REP_ERR_INVALID (more than 64 metadata
+context queries: NBD_REP_ERR_TOO_BIG); the session goes on. What ends it: a bad magic, unknown client
+flags, an option longer than 64 KiB, a failed TLS handshake, the client leaving, or the time-out around
+the whole negotiation (server.py).
+
+Metadata contexts: ``base:allocation`` and ``qemu:allocation-depth`` (``select_contexts`` says which
+queries name them). SET_META_CONTEXT gives them the fixed ids 1 and 2; its selection holds if the client
+enters transmission with the export it named (transmission.py answers BLOCK_STATUS with one chunk per
+selected context). QEMU's context: an extent's whole 32-bit value is the depth in the backing chain of the
+layer that holds it, 0 unallocated in every layer, 1 the exported image itself, 2 its parent...
 """
 
 from __future__ import annotations
@@ -20,7 +27,29 @@ from .exports import Export, Exports
 from .wire import Wire
 
 log = logging.getLogger("vhdxfs.nbd")
-BASE_ALLOCATION_ID = 1  # the metadata context id of base:allocation
+META_CONTEXTS = (p.BASE_ALLOCATION, p.ALLOCATION_DEPTH)  # every metadata context offered, in id order
+# The metadata context ids SET_META_CONTEXT gives: fixed, one per context.
+BASE_ALLOCATION_ID, ALLOCATION_DEPTH_ID = 1, 2
+CONTEXT_IDS = {p.BASE_ALLOCATION: BASE_ALLOCATION_ID, p.ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID}
+
+
+def select_contexts(queries: tuple[str, ...], *, listing: bool) -> tuple[str, ...]:
+    """The contexts of META_CONTEXTS that ``queries`` name, each once and in META_CONTEXTS order.
+
+    Both options take full names (``base:allocation``, ``qemu:allocation-depth``). Listing takes wildcards
+    besides: no query at all lists every context, and a namespace with an empty leaf-name (``base:``,
+    ``qemu:``) lists that namespace's; setting ignores them, as the protocol asks. Unknown names, in a known
+    namespace or not, select nothing and are no error (``qemu:dirty-bitmap:x``: this server has no dirty
+    bitmaps). A query without a namespace is malformed: OptionError.
+    """
+    for query in queries:
+        namespace, colon, _ = query.partition(":")
+        if not colon or not namespace:
+            raise p.OptionError(f"query {query!r} has no namespace")
+    if listing and not queries:
+        return META_CONTEXTS
+    return tuple(name for name in META_CONTEXTS
+                 if name in queries or (listing and name[:name.index(":") + 1] in queries))
 
 
 @dataclass
@@ -32,7 +61,7 @@ class Session:
     no_zeroes: bool = False
     tls: bool = False
     contexts_for: str | None = None  # the export SET_META_CONTEXT chose its contexts for
-    contexts: dict[int, str] = field(default_factory=dict)
+    contexts: dict[int, str] = field(default_factory=dict)  # id -> name, as SET_META_CONTEXT answered
 
 
 class Aborted(Exception):
@@ -56,6 +85,8 @@ async def negotiate(wire: Wire, exports: Exports) -> Session:
         try:
             if await _option(wire, exports, session, option, data):
                 return session
+        except p.TooBig as exc:
+            await _reply(wire, option, p.REP_ERR_TOO_BIG, str(exc))
         except p.OptionError as exc:
             await _reply(wire, option, p.REP_ERR_INVALID, str(exc))
 
@@ -91,6 +122,8 @@ async def _option(wire: Wire, exports: Exports, session: Session, option: int, d
         session.structured = True
         await _reply(wire, option, p.REP_ACK)
     elif option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+        if option == p.OPT_SET_META_CONTEXT:  # replaces the selection, even when it fails
+            session.contexts, session.contexts_for = {}, None
         await _meta_context(wire, exports, session, option, p.parse_meta_context_request(data))
     else:
         await _reply(wire, option, p.REP_ERR_UNSUP, f"option {option} is not supported")
@@ -142,13 +175,10 @@ async def _info(wire: Wire, exports: Exports, session: Session, option: int, req
     return True
 
 
-def _matches(query: str, listing: bool) -> bool:
-    """Does ``query`` select base:allocation? ("base:" is a wildcard when listing; others are ignored.)"""
-    return query == p.BASE_ALLOCATION or (listing and query == "base:")
-
-
 async def _meta_context(wire: Wire, exports: Exports, session: Session, option: int,
                         request: p.MetaContextRequest) -> None:
+    """LIST_META_CONTEXT answers the contexts the queries name (context id 0, as the protocol asks);
+    SET_META_CONTEXT selects them, each with its id, for the export named."""
     if not session.structured:
         raise p.OptionError("negotiate structured replies first")
     export = exports.find(request.name)
@@ -156,14 +186,11 @@ async def _meta_context(wire: Wire, exports: Exports, session: Session, option: 
         await _reply(wire, option, p.REP_ERR_UNKNOWN, f"no export called {request.name!r}")
         return
     listing = option == p.OPT_LIST_META_CONTEXT
-    for query in request.queries:
-        if ":" not in query:
-            raise p.OptionError(f"query {query!r} has no namespace")
-    selected = any(_matches(q, listing) for q in request.queries) or (listing and not request.queries)
+    names = select_contexts(request.queries, listing=listing)
     if not listing:
-        session.contexts = {BASE_ALLOCATION_ID: p.BASE_ALLOCATION} if selected else {}
+        session.contexts = {CONTEXT_IDS[name]: name for name in names}
         session.contexts_for = export.name
-    if selected:
-        context_id = 0 if listing else BASE_ALLOCATION_ID
-        await _reply_data(wire, option, p.REP_META_CONTEXT, p.meta_context_entry(context_id, p.BASE_ALLOCATION))
+    for name in names:
+        context_id = 0 if listing else CONTEXT_IDS[name]
+        await _reply_data(wire, option, p.REP_META_CONTEXT, p.meta_context_entry(context_id, name))
     await _reply(wire, option, p.REP_ACK)

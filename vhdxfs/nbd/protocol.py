@@ -91,7 +91,9 @@ REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_BLOC
 REPLY_TYPE_ERROR = (1 << 15) + 1
 
 STATE_HOLE, STATE_ZERO = 1 << 0, 1 << 1  # base:allocation's flags
-BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION = "base:allocation"  # the protocol's metadata context: NBD_STATE_HOLE and NBD_STATE_ZERO
+ALLOCATION_DEPTH = "qemu:allocation-depth"  # QEMU's (interop/nbd.txt): the depth of the layer holding an extent
+MAX_QUERIES = 64  # of one LIST or SET_META_CONTEXT: more are answered NBD_REP_ERR_TOO_BIG
 
 # Errors on the wire (the protocol's, which happen to be Linux errnos).
 EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
@@ -113,6 +115,10 @@ class ProtocolError(Exception):
 
 class OptionError(Exception):
     """An option's data is malformed: answered with NBD_REP_ERR_INVALID, the session goes on."""
+
+
+class TooBig(OptionError):
+    """An option asks for more than the server takes at once: answered NBD_REP_ERR_TOO_BIG, the session goes on."""
 
 
 # -- handshake messages ---------------------------------------------------------------------------------
@@ -207,8 +213,8 @@ def parse_meta_context_request(data: bytes) -> MetaContextRequest:
         raise OptionError("query count missing")
     (count,) = struct.unpack_from(">I", data, at)
     at += 4
-    if count > 64:
-        raise OptionError(f"{count} queries: too many")
+    if count > MAX_QUERIES:
+        raise TooBig(f"{count} queries: at most {MAX_QUERIES} are taken at once")
     queries = []
     for i in range(count):
         query, at = _string(data, at, f"query {i + 1}")
@@ -288,7 +294,7 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     return chunk(cookie, REPLY_TYPE_ERROR, 6 + len(text), done=True) + struct.pack(">IH", error, len(text)) + text
 
 
-def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
-    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, flags) descriptors, all for one metadata context."""
+def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]], *, done: bool = True) -> bytes:
+    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, flags) descriptors of one metadata context (one chunk each)."""
     body = struct.pack(">I", context_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
-    return chunk(cookie, REPLY_TYPE_BLOCK_STATUS, len(body), done=True) + body
+    return chunk(cookie, REPLY_TYPE_BLOCK_STATUS, len(body), done=done) + body

@@ -7,6 +7,9 @@ and the reader stops reading requests while the budget is spent, so a client tha
 requests without reading the replies only fills its own socket. Errors the protocol lets us answer are
 answered (EINVAL, EPERM, ENOSPC, ...) and the connection goes on; a bad magic or a WRITE larger than the
 maximum payload end it (its data cannot be skipped safely: the protocol allows the hard disconnect).
+
+BLOCK_STATUS asks the engine once for the extents of the range through the whole chain and answers one
+chunk per metadata context the client selected (``descriptors`` maps the extents for each).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections.abc import Callable, Iterable
 
 import trio
 
-from ..engine import Kind
+from ..engine import Extent, Kind
 from ..errors import VhdxError
 from . import admission
 from . import protocol as p
@@ -29,7 +33,40 @@ from .wire import Closed, Parts, Wire, cancel_when_set
 log = logging.getLogger("vhdxfs.nbd")
 STOP_GRACE = 2.0  # once the server stops, how long replies may wait for a client to take them
 MAX_IN_FLIGHT = 256  # requests of one connection in flight
-MAX_DESCRIPTORS = 1 << 16  # per block status reply (the protocol's limit is 2**20)
+MAX_DESCRIPTORS = 1 << 16  # per block status chunk, one chunk per context (the protocol's limit is 2**20)
+
+
+def _allocation(extent: Extent) -> int:
+    """base:allocation: DATA is 0; ZERO blocks and unallocated space are HOLE|ZERO."""
+    return 0 if extent.kind == Kind.DATA else p.STATE_HOLE | p.STATE_ZERO
+
+
+def _depth(extent: Extent) -> int:
+    """qemu:allocation-depth: the layer that holds the extent counted from 1 (the exported image), 0 where
+    no layer does. A ZERO block is allocated in its layer (it hides its parents, as QEMU counts zero
+    clusters); a HOLE is unallocated in every layer."""
+    return 0 if extent.kind == Kind.HOLE else extent.depth + 1
+
+
+CONTEXT_VALUES: dict[str, Callable[[Extent], int]] = {p.BASE_ALLOCATION: _allocation, p.ALLOCATION_DEPTH: _depth}
+
+
+def descriptors(extents: Iterable[Extent], context: str, *, req_one: bool = False) -> list[tuple[int, int]]:
+    """The (length, value) descriptors of ``context`` for the engine's ``extents`` of a range: neighbours of
+    the same value merged, at most MAX_DESCRIPTORS (the reply then covers less than the range, which the
+    protocol allows), exactly one with ``req_one``."""
+    value = CONTEXT_VALUES[context]
+    out: list[tuple[int, int]] = []
+    for extent in extents:
+        flags = value(extent)
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + extent.length, flags)
+        else:
+            out.append((extent.length, flags))
+            if len(out) > MAX_DESCRIPTORS or (req_one and len(out) > 1):
+                out.pop()
+                break
+    return out
 
 
 def wire_error(exc: BaseException) -> int:
@@ -152,7 +189,7 @@ class Transmission:
         if kind == p.CMD_READ:
             return self._read_reply(request, await disk.read(offset, length) if length else b"")
         if kind == p.CMD_BLOCK_STATUS:
-            return (p.block_status_chunk(request.cookie, 1, await self._status(request)),)
+            return await self._status(request)
         if kind == p.CMD_WRITE and length and payload is not None:
             await disk.write(offset, payload)
         elif kind == p.CMD_FLUSH:
@@ -177,21 +214,15 @@ class Transmission:
         bs = self.disk.block_size
         return unmap and offset % bs == 0 and (length % bs == 0 or offset + length == self.export.size)
 
-    async def _status(self, request: p.Request) -> list[tuple[int, int]]:
-        """base:allocation descriptors: DATA is 0; ZERO blocks and unallocated space are HOLE|ZERO."""
-        descriptors: list[tuple[int, int]] = []
-        for extent in await self.disk.extents(request.offset, request.length):
-            flags = 0 if extent.kind == Kind.DATA else p.STATE_HOLE | p.STATE_ZERO
-            if descriptors and descriptors[-1][1] == flags:
-                descriptors[-1] = (descriptors[-1][0] + extent.length, flags)
-            else:
-                descriptors.append((extent.length, flags))
-            if len(descriptors) > MAX_DESCRIPTORS:
-                descriptors.pop()
-                break
-        if request.flags & p.CMD_FLAG_REQ_ONE:
-            descriptors = descriptors[:1]
-        return descriptors
+    async def _status(self, request: p.Request) -> Parts:
+        """One block status chunk per selected context, in context id order, the last one DONE."""
+        extents = await self.disk.extents(request.offset, request.length)
+        req_one = bool(request.flags & p.CMD_FLAG_REQ_ONE)
+        ids = sorted(self.session.contexts)
+        return tuple(p.block_status_chunk(request.cookie, context_id,
+                                          descriptors(extents, self.session.contexts[context_id], req_one=req_one),
+                                          done=context_id == ids[-1])
+                     for context_id in ids)
 
     def _read_reply(self, request: p.Request, data: bytes | bytearray) -> Parts:
         if self.session.structured:

@@ -15,14 +15,24 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._freed = trio.Event()
+        self._freed: trio.Event | None = None  # made only while someone waits
+
+    def take(self, n: int) -> bool:
+        """Take ``n`` if that needs no wait (the common case: no trip through the scheduler)."""
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
 
     async def acquire(self, n: int) -> None:
         while self.used and self.used + n > self.limit:
+            if self._freed is None:
+                self._freed = trio.Event()
             await self._freed.wait()
         self.used += n
 
     def release(self, n: int) -> None:
         self.used -= n
-        self._freed.set()
-        self._freed = trio.Event()
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None

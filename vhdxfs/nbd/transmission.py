@@ -95,7 +95,8 @@ class Transmission:
         # BUDGET, and the server's, so many connections together stay under SERVER_BUDGET.
         self.budget = ByteBudget(BUDGET)
         self.shared = shared or ByteBudget(SERVER_BUDGET)
-        self.slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self.in_flight = 0  # requests admitted and not yet answered (at most MAX_IN_FLIGHT)
+        self._slot_freed: trio.Event | None = None
 
     async def run(self, stopping: trio.Event) -> None:
         """Serve requests until NBD_CMD_DISC, the client leaving, a protocol violation or ``stopping``;
@@ -124,20 +125,34 @@ class Transmission:
             nursery.cancel_scope.cancel()
 
     async def _read_requests(self, handlers: trio.Nursery) -> None:
+        """Read and admit requests; serve here those that need no wait (their replies go out together when
+        the buffer runs dry: wire.py), start a task for the others. Nothing here passes through trio's
+        scheduler while requests are buffered and slots and budget are free."""
         taken: int | None = None
+        wire = self.wire
         try:
             while True:
-                request = p.parse_request(await self.wire.exactly(p.REQUEST_SIZE))
+                header = wire.take(p.REQUEST_SIZE)
+                if header is None:
+                    header = await wire.exactly(p.REQUEST_SIZE)  # replies waiting in the batch go out first
+                request = p.parse_request(header)
                 if request.type == p.CMD_DISC:
                     return
                 if request.type == p.CMD_WRITE and request.length > MAX_PAYLOAD:
                     raise p.ProtocolError(f"a WRITE of {request.length} bytes, more than {MAX_PAYLOAD}")
-                await self.slots.acquire()
+                if self.in_flight >= MAX_IN_FLIGHT:
+                    wire.flush()  # the batch's replies hold slots: they must go before we wait for one
+                    await self._slot_free()
+                self.in_flight += 1
                 cost = admission.cost(request)
                 taken = 0  # the slot at least is given back below if no reply will give it back
-                await self.budget.acquire(cost)
+                if not self.budget.take(cost):
+                    wire.flush()
+                    await self.budget.acquire(cost)
                 try:
-                    await self.shared.acquire(cost)
+                    if not self.shared.take(cost):
+                        wire.flush()
+                        await self.shared.acquire(cost)
                 except BaseException:
                     self.budget.release(cost)
                     raise
@@ -147,15 +162,17 @@ class Transmission:
                     data = self.disk.read_now(request.offset, request.length) if request.length else None
                     if data is not None:  # served here: no task, no trip through the scheduler
                         taken = None
-                        self.wire.queue(self._read_reply(request, data), functools.partial(self._done, cost))
+                        wire.queue(self._read_reply(request, data), functools.partial(self._done, cost), later=True)
                         continue
                 payload = None
                 if request.type == p.CMD_WRITE:
-                    payload = await self.wire.payload(request.length)
+                    payload = wire.take(request.length)
+                    if payload is None:
+                        payload = await wire.payload(request.length)
                 taken = None
                 if payload is not None and not request.flags & p.CMD_FLAG_FUA and not refusal \
                         and self.disk.write_now(request.offset, payload):
-                    self.wire.queue(self._ok(request), functools.partial(self._done, cost))
+                    wire.queue(self._ok(request), functools.partial(self._done, cost), later=True)
                     continue
                 handlers.start_soon(self._serve, request, refusal, payload, cost)
         except Closed as exc:
@@ -181,7 +198,17 @@ class Transmission:
     def _done(self, cost: int) -> None:
         self.shared.release(cost)
         self.budget.release(cost)
-        self.slots.release()
+        self.in_flight -= 1
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+            self._slot_freed = None
+
+    async def _slot_free(self) -> None:
+        """Wait until fewer than MAX_IN_FLIGHT requests are in flight."""
+        while self.in_flight >= MAX_IN_FLIGHT:
+            if self._slot_freed is None:
+                self._slot_freed = trio.Event()
+            await self._slot_freed.wait()
 
     async def _dispatch(self, request: p.Request, payload: bytes | None) -> Parts:
         """Run the request; the parts of its reply."""

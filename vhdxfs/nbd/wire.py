@@ -5,6 +5,11 @@ message is sent at once (``send``); in transmission, replies are queued (``queue
 writes everything queued so far with a single sendmsg (gathered, like writev), so a burst of replies at
 queue depth 16 costs one system call and one wake-up of the client, not two per reply. Reads are
 buffered: a request header is 28 bytes, and one receive usually brings several.
+
+Replies of the requests the reader serves itself (``queue(..., later=True)``) wait in a batch until the
+reader has nothing left in its buffer: then they go out together, in one writev, before it waits for the
+client again (``flush``; every receive does it first). At queue depth 16 a burst of requests costs one
+receive and one send, not a send per request.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Wire:
         self._closing = False
         self.broken = trio.Event()  # a send found the peer gone: stop reading its requests
         self._sending = False  # the sender task is writing: nothing may go to the socket beside it
+        self._batch: list[Chunk] = []  # replies the reader queued later=True, sent by ``flush``
+        self._batch_callbacks: list[Callable[[], None]] = []
         socket = getattr(stream, "socket", None)  # a plain socket can be written to directly; TLS cannot
         self._fd = socket.fileno() if socket is not None else -1
 
@@ -42,10 +49,21 @@ class Wire:
         """Bytes received but not yet read (STARTTLS needs none to be pending)."""
         return len(self._buffer)
 
+    def take(self, n: int) -> bytes | None:
+        """The next ``n`` bytes if the buffer holds them (no wait, no trip through the scheduler), else None."""
+        buf = self._buffer
+        if len(buf) < n:
+            return None
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
     async def exactly(self, n: int) -> bytes:
         """The next ``n`` bytes; Closed when the stream ends first."""
         buf = self._buffer
         while len(buf) < n:
+            if self._batch:
+                self.flush()
             try:
                 data = await self.stream.receive_some(max(RECEIVE_SIZE, n - len(buf)))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -65,6 +83,8 @@ class Wire:
         rest: list[bytes | bytearray] = []
         have = len(first)
         while have < n:
+            if self._batch:
+                self.flush()
             try:
                 data = await self.stream.receive_some(n - have)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -85,9 +105,15 @@ class Wire:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise Closed(str(exc)) from None
 
-    def queue(self, parts: Parts, on_sent: Callable[[], None] | None = None) -> None:
+    def queue(self, parts: Parts, on_sent: Callable[[], None] | None = None, *, later: bool = False) -> None:
         """Send one message: at once when nothing waits before it and the socket takes it all, else through
-        the sender task. ``on_sent`` runs once it is written (or the peer is gone)."""
+        the sender task; with ``later`` (the reader's own replies) at its next ``flush``. ``on_sent`` runs
+        once it is written (or the peer is gone)."""
+        if later:
+            self._batch.extend(parts)
+            if on_sent is not None:
+                self._batch_callbacks.append(on_sent)
+            return
         if not self._out and not self._sending and self._fd >= 0:
             parts = _write_now(self._fd, parts)
             if not parts:
@@ -97,6 +123,21 @@ class Wire:
         self._out.extend(parts)
         if on_sent is not None:
             self._sent_callbacks.append(on_sent)
+        self._wake_sender.set()
+
+    def flush(self) -> None:
+        """Send the replies queued ``later`` so far, together."""
+        parts, self._batch = self._batch, []
+        callbacks, self._batch_callbacks = self._batch_callbacks, []
+        if not self._out and not self._sending and self._fd >= 0:
+            left = _write_now(self._fd, tuple(parts))
+            if not left:
+                for callback in callbacks:
+                    callback()
+                return
+            parts = list(left)
+        self._out.extend(parts)
+        self._sent_callbacks.extend(callbacks)
         self._wake_sender.set()
 
     async def sender(self) -> None:
@@ -127,6 +168,8 @@ class Wire:
 
     def finish_sending(self) -> None:
         """The sender ends once everything queued so far is written."""
+        if self._batch:
+            self.flush()
         self._closing = True
         self._wake_sender.set()
 

@@ -27,6 +27,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ALLOCATION_RECOUNT = 5.0  # seconds
+ATTR_TIMEOUT = 3600.0  # seconds: the kernel keeps names and attributes that long (they hardly change)
 SEEK_WINDOW = 4 << 30  # SEEK_DATA / SEEK_HOLE look at the extents this much at a time
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -45,17 +46,43 @@ class RawFile:
         self.name = name
         self.disk = disk
         self.unflushed = False
-        self.allocated: int | None = None  # bytes holding data, and when they were counted (st_blocks)
+        # Bytes holding data (st_blocks), when they were counted, and the disk's changes at that moment.
+        self.allocated: int | None = None
         self.counted_at = 0.0
+        self.counted_changes: tuple[int, ...] | None = None
+
+    def _changes(self) -> tuple[int, ...] | None:
+        """What moves whenever the allocation may have: the disk's write and zero requests, done or failed
+        (engine/aio/stats.py), and its chain. None for a disk that does not count (a test's stand-in)."""
+        stats = getattr(self.disk, "stats", None)
+        if stats is None:
+            return None
+        return (stats.write.requests, stats.write.failures, stats.zero.requests, stats.zero.failures,
+                id(self.disk.core))
+
+    def count_is_current(self) -> bool:
+        """Nothing changed on the disk since ``allocated`` was counted."""
+        changes = self._changes()
+        return self.allocated is not None and changes is not None and changes == self.counted_changes
 
     async def allocated_bytes(self) -> int:
-        """Bytes of the disk that hold data (through the chain), recounted at most every few seconds: cp and
-        tar look for holes only when st_blocks says the file is sparse."""
+        """Bytes of the disk that hold data (through the chain): cp and tar look for holes only when st_blocks
+        says the file is sparse. Counted at the first call (never a guess: a first answer of "all of it"
+        would make cp copy every byte), then again only when the disk changed, at most every few seconds."""
         now = time.monotonic()
-        if self.allocated is None or now - self.counted_at > ALLOCATION_RECOUNT:
+        if self.allocated is None or (not self.count_is_current()
+                                      and now - self.counted_at > ALLOCATION_RECOUNT):
+            changes = self._changes()  # before counting: a write that ends meanwhile makes the count stale
             self.allocated = sum(e.length for e in await self.disk.extents() if e.kind == Kind.DATA)
-            self.counted_at = now
+            self.counted_at, self.counted_changes = now, changes
         return self.allocated
+
+    def attr_timeout(self) -> float:
+        """How long the kernel may keep the attributes: long while the count is current (the kernel itself
+        forgets them on every write through the mount), else only until the count is due again."""
+        if self.count_is_current():
+            return ATTR_TIMEOUT
+        return max(0.0, ALLOCATION_RECOUNT - (time.monotonic() - self.counted_at))
 
 
 def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -108,11 +135,14 @@ class RawFilesOperations(pyfuse3.Operations):
 
     # -- names and attributes -----------------------------------------------------------------------------
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """The attributes that need no counting. A file's st_blocks is left at 0 here: every answer that
+        reaches the kernel for a file comes from ``_file_attrs`` (getattr, lookup, setattr and readdirplus
+        alike), since whichever answers first is what stat shows, for up to ``ATTR_TIMEOUT``."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = self.mounted_at
-        a.attr_timeout = a.entry_timeout = 3600
+        a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT
         if inode == pyfuse3.ROOT_INODE:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
@@ -122,17 +152,18 @@ class RawFilesOperations(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = self.files[inode].disk.size
             a.st_blksize = 1 << 20
-            a.st_blocks = -(-a.st_size // 512)
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return a
 
     async def _file_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        """_attrs, with st_blocks counting only the bytes that hold data (the raw file is sparse)."""
+        """_attrs, with st_blocks counting only the bytes that hold data (the raw file is sparse), kept by the
+        kernel no longer than that count is true."""
         attrs = self._attrs(inode)
         f = self.files.get(inode)
         if f is not None:
             attrs.st_blocks = -(-await f.allocated_bytes() // 512)
+            attrs.attr_timeout = f.attr_timeout()
         return attrs
 
     @_fuse_errors
@@ -159,7 +190,7 @@ class RawFilesOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
         if (fields.update_uid or fields.update_gid) and ctx is not None and ctx.uid != 0:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._attrs(inode)
+        return await self._file_attrs(inode)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != pyfuse3.ROOT_INODE:
@@ -170,7 +201,9 @@ class RawFilesOperations(pyfuse3.Operations):
         for f in sorted(self.files.values(), key=lambda f: f.inode):
             if f.inode <= start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, f.name.encode(), self._attrs(f.inode), f.inode):
+            # readdir is readdirplus (pyfuse3 asks for it always): these attributes fill the kernel's cache
+            # just as a lookup's do, so an `ls` of the mount point decides what the next stat shows.
+            if not pyfuse3.readdir_reply(token, f.name.encode(), await self._file_attrs(f.inode), f.inode):
                 return
 
     async def releasedir(self, fh: int) -> None:

@@ -8,16 +8,19 @@ said so for the next hour, and `cp --sparse=auto` copied every byte of the disk.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
 from types import SimpleNamespace
 
 import pyfuse3
+import pytest
 
 import vhdxfs
 from tests.fuse.fakedisk import FakeDisk
 from tests.helpers import make_image, need_tools
+from vhdxfs.errors import HostIOError
 from vhdxfs.mount.operations import ALLOCATION_RECOUNT, RawFilesOperations
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -46,6 +49,26 @@ async def test_every_reply_about_a_file_carries_the_counted_blocks(monkeypatch):
     assert all(a.st_size == 64 * MiB for a in replies.values())
     # This stand-in counts no requests, so the kernel may keep a count only until it is due again.
     assert all(0 <= a.attr_timeout <= ALLOCATION_RECOUNT for a in replies.values())
+
+
+async def test_a_count_that_fails_answers_eio_and_the_loop_goes_on(monkeypatch):
+    """Counting reads the image (its BAT, through the chain): a host error there is the request's EIO,
+    never an exception that would end pyfuse3's loop, whichever request counted."""
+    disk = FakeDisk("/i/a.vhdx", 8 * MiB)
+    ops = RawFilesOperations([disk], read_only=False, uid=0, gid=0)
+
+    async def failing(offset: int = 0, length: int | None = None) -> list:
+        raise HostIOError("Input/output error", path=disk.path, errno=errno.EIO)
+
+    monkeypatch.setattr(disk, "extents", failing)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *args: True)
+    inode = pyfuse3.ROOT_INODE + 1
+    for request in (ops.readdir(pyfuse3.ROOT_INODE, 0, None), ops.lookup(pyfuse3.ROOT_INODE, b"a.raw", CTX),
+                    ops.getattr(inode, CTX), ops.setattr(inode, pyfuse3.EntryAttributes(), setattr_fields(), None,
+                                                         CTX)):
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await request
+        assert exc.value.errno == errno.EIO
 
 
 def write_at(image, places: list[int]) -> None:

@@ -170,6 +170,7 @@ class RawFilesOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._file_attrs(inode)
 
+    @_fuse_errors  # lookup, setattr and readdir count the allocation: an I/O error answers EIO
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if parent_inode != pyfuse3.ROOT_INODE:
@@ -181,6 +182,7 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self._file_attrs(f.inode)
 
+    @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext | None) -> pyfuse3.EntryAttributes:
         """Sizes are fixed (resize is an offline tool); times and modes are accepted and not stored."""
@@ -197,6 +199,7 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for f in sorted(self.files.values(), key=lambda f: f.inode):
             if f.inode <= start_id:

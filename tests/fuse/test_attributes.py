@@ -21,7 +21,8 @@ import vhdxfs
 from tests.fuse.fakedisk import FakeDisk
 from tests.helpers import make_image, need_tools
 from vhdxfs.errors import HostIOError
-from vhdxfs.mount.operations import ALLOCATION_RECOUNT, RawFilesOperations
+from vhdxfs.mount.allocation import ALLOCATION_RECOUNT
+from vhdxfs.mount.operations import RawFilesOperations
 
 MiB, GiB = 1 << 20, 1 << 30
 CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)

@@ -21,13 +21,12 @@ import pyfuse3
 from ..engine import Kind
 from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
+from .allocation import ATTR_TIMEOUT, Allocation
 
 log = logging.getLogger("vhdxfs.mount")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ALLOCATION_RECOUNT = 5.0  # seconds
-ATTR_TIMEOUT = 3600.0  # seconds: the kernel keeps names and attributes that long (they hardly change)
 SEEK_WINDOW = 4 << 30  # SEEK_DATA / SEEK_HOLE look at the extents this much at a time
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -46,43 +45,11 @@ class RawFile:
         self.name = name
         self.disk = disk
         self.unflushed = False
-        # Bytes holding data (st_blocks), when they were counted, and the disk's changes at that moment.
-        self.allocated: int | None = None
-        self.counted_at = 0.0
-        self.counted_changes: tuple[int, ...] | None = None
-
-    def _changes(self) -> tuple[int, ...] | None:
-        """What moves whenever the allocation may have: the disk's write and zero requests, done or failed
-        (engine/aio/stats.py), and its chain. None for a disk that does not count (a test's stand-in)."""
-        stats = getattr(self.disk, "stats", None)
-        if stats is None:
-            return None
-        return (stats.write.requests, stats.write.failures, stats.zero.requests, stats.zero.failures,
-                id(self.disk.core))
-
-    def count_is_current(self) -> bool:
-        """Nothing changed on the disk since ``allocated`` was counted."""
-        changes = self._changes()
-        return self.allocated is not None and changes is not None and changes == self.counted_changes
+        self.allocation = Allocation(disk)  # st_blocks
 
     async def allocated_bytes(self) -> int:
-        """Bytes of the disk that hold data (through the chain): cp and tar look for holes only when st_blocks
-        says the file is sparse. Counted at the first call (never a guess: a first answer of "all of it"
-        would make cp copy every byte), then again only when the disk changed, at most every few seconds."""
-        now = time.monotonic()
-        if self.allocated is None or (not self.count_is_current()
-                                      and now - self.counted_at > ALLOCATION_RECOUNT):
-            changes = self._changes()  # before counting: a write that ends meanwhile makes the count stale
-            self.allocated = sum(e.length for e in await self.disk.extents() if e.kind == Kind.DATA)
-            self.counted_at, self.counted_changes = now, changes
-        return self.allocated
-
-    def attr_timeout(self) -> float:
-        """How long the kernel may keep the attributes: long while the count is current (the kernel itself
-        forgets them on every write through the mount), else only until the count is due again."""
-        if self.count_is_current():
-            return ATTR_TIMEOUT
-        return max(0.0, ALLOCATION_RECOUNT - (time.monotonic() - self.counted_at))
+        """Bytes of the disk that hold data (through the chain), never guessed (allocation.py)."""
+        return await self.allocation.count()
 
 
 def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -135,9 +102,8 @@ class RawFilesOperations(pyfuse3.Operations):
 
     # -- names and attributes -----------------------------------------------------------------------------
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        """The attributes that need no counting. A file's st_blocks is left at 0 here: every answer that
-        reaches the kernel for a file comes from ``_file_attrs`` (getattr, lookup, setattr and readdirplus
-        alike), since whichever answers first is what stat shows, for up to ``ATTR_TIMEOUT``."""
+        """The attributes that need no counting; a file's st_blocks is 0 here. Every answer about a file goes
+        out through ``_file_attrs`` (getattr, lookup, setattr, readdirplus): the first one is what stat shows."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_uid, a.st_gid = self.uid, self.gid
@@ -163,7 +129,7 @@ class RawFilesOperations(pyfuse3.Operations):
         f = self.files.get(inode)
         if f is not None:
             attrs.st_blocks = -(-await f.allocated_bytes() // 512)
-            attrs.attr_timeout = f.attr_timeout()
+            attrs.attr_timeout = f.allocation.attr_timeout()
         return attrs
 
     @_fuse_errors

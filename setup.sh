@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils qemu-system-common
           libvhdi-utils fio e2fsprogs dosfstools util-linux systemd kmod
-          libnbd-bin nbd-client openssl man-db bash-completion)
+          libnbd-bin nbd-client openssl man-db bash-completion debootstrap systemd-container)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 missing=()

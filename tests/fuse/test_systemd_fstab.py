@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.helpers import make_image, need_tools, qemu_check_clean, run
 from vhdxfs.mount.fstab import translate
+from vhdxfs.mount.mounts import find_mount, is_dead
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -54,10 +57,39 @@ def test_the_unit_mounts_on_the_host_stops_cleanly_and_never_leaves_a_stale_moun
     assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
     assert "--foreground" in settings["ExecStart"][0]  # the main process is the one that notifies
     assert settings["KillSignal"] == ["SIGTERM"]  # the daemon's clean unmount-and-close path
-    assert any("fusermount3 -uz ${MOUNTPOINT}" in v for v in settings["ExecStopPost"])
+    assert any('fusermount3 -uz "$$MOUNTPOINT"' in v for v in settings["ExecStopPost"])
     assert settings["DeviceAllow"] == ["/dev/fuse rw"]
     assert "CAP_SYS_ADMIN" in settings["CapabilityBoundingSet"][0]
     assert "AF_UNIX" in settings["RestrictAddressFamilies"][0]  # syslog and the notify socket
+
+
+def stop_post_command() -> list[str]:
+    """ExecStopPost= as systemd runs it: the "-" dropped (systemd.service(5), "Command lines"), "$$" a "$"."""
+    (line,) = unit_settings()["ExecStopPost"]
+    return [word.replace("$$", "$") for word in shlex.split(line.removeprefix("-"))]
+
+
+def test_exec_stop_post_says_nothing_after_a_clean_stop_and_removes_a_dead_mount(tmp_path, mnt):
+    """A clean stop has unmounted already: ExecStopPost= must log no false "failed to unmount" then; after a
+    kill -9 the dead mount (which stat and mountpoint(1) cannot see) must go, so a restart can mount."""
+    need_tools("findmnt", "qemu-img")
+    command = stop_post_command()
+    assert command[0] == "/bin/sh"
+    env = dict(os.environ, MOUNTPOINT=str(mnt.mountpoint))
+    quiet = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")  # nothing mounted: nothing said
+    image = make_image(tmp_path / "dead.vhdx", 8 * MiB)
+    mnt.mount(image)
+    os.kill(mnt.daemon_pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not is_dead(mnt.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert is_dead(mnt.mountpoint)  # "Transport endpoint is not connected"
+    cleared = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert (cleared.returncode, cleared.stderr) == (0, "")
+    assert find_mount(mnt.mountpoint) is None
+    assert mnt.mountpoint.is_dir()
+    mnt.mounted = False
 
 
 def test_sd_notify_speaks_to_path_and_abstract_sockets(tmp_path, monkeypatch):

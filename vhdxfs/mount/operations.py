@@ -21,12 +21,12 @@ import pyfuse3
 from ..engine import Kind
 from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
+from .allocation import ATTR_TIMEOUT, Allocation
 
 log = logging.getLogger("vhdxfs.mount")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ALLOCATION_RECOUNT = 5.0  # seconds
 SEEK_WINDOW = 4 << 30  # SEEK_DATA / SEEK_HOLE look at the extents this much at a time
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -45,17 +45,11 @@ class RawFile:
         self.name = name
         self.disk = disk
         self.unflushed = False
-        self.allocated: int | None = None  # bytes holding data, and when they were counted (st_blocks)
-        self.counted_at = 0.0
+        self.allocation = Allocation(disk)  # st_blocks
 
     async def allocated_bytes(self) -> int:
-        """Bytes of the disk that hold data (through the chain), recounted at most every few seconds: cp and
-        tar look for holes only when st_blocks says the file is sparse."""
-        now = time.monotonic()
-        if self.allocated is None or now - self.counted_at > ALLOCATION_RECOUNT:
-            self.allocated = sum(e.length for e in await self.disk.extents() if e.kind == Kind.DATA)
-            self.counted_at = now
-        return self.allocated
+        """Bytes of the disk that hold data (through the chain), never guessed (allocation.py)."""
+        return await self.allocation.count()
 
 
 def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -108,11 +102,13 @@ class RawFilesOperations(pyfuse3.Operations):
 
     # -- names and attributes -----------------------------------------------------------------------------
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """The attributes that need no counting; a file's st_blocks is 0 here. Every answer about a file goes
+        out through ``_file_attrs`` (getattr, lookup, setattr, readdirplus): the first one is what stat shows."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = self.mounted_at
-        a.attr_timeout = a.entry_timeout = 3600
+        a.attr_timeout = a.entry_timeout = ATTR_TIMEOUT
         if inode == pyfuse3.ROOT_INODE:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
@@ -122,23 +118,25 @@ class RawFilesOperations(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = self.files[inode].disk.size
             a.st_blksize = 1 << 20
-            a.st_blocks = -(-a.st_size // 512)
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return a
 
     async def _file_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        """_attrs, with st_blocks counting only the bytes that hold data (the raw file is sparse)."""
+        """_attrs, with st_blocks counting only the bytes that hold data (the raw file is sparse), kept by the
+        kernel no longer than that count is true."""
         attrs = self._attrs(inode)
         f = self.files.get(inode)
         if f is not None:
             attrs.st_blocks = -(-await f.allocated_bytes() // 512)
+            attrs.attr_timeout = f.allocation.attr_timeout()
         return attrs
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._file_attrs(inode)
 
+    @_fuse_errors  # lookup, setattr and readdir count the allocation: an I/O error answers EIO
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if parent_inode != pyfuse3.ROOT_INODE:
@@ -150,6 +148,7 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self._file_attrs(f.inode)
 
+    @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext | None) -> pyfuse3.EntryAttributes:
         """Sizes are fixed (resize is an offline tool); times and modes are accepted and not stored."""
@@ -159,18 +158,21 @@ class RawFilesOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
         if (fields.update_uid or fields.update_gid) and ctx is not None and ctx.uid != 0:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._attrs(inode)
+        return await self._file_attrs(inode)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for f in sorted(self.files.values(), key=lambda f: f.inode):
             if f.inode <= start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, f.name.encode(), self._attrs(f.inode), f.inode):
+            # readdir is readdirplus (pyfuse3 asks for it always): these attributes fill the kernel's cache
+            # just as a lookup's do, so an `ls` of the mount point decides what the next stat shows.
+            if not pyfuse3.readdir_reply(token, f.name.encode(), await self._file_attrs(f.inode), f.inode):
                 return
 
     async def releasedir(self, fh: int) -> None:

@@ -1,9 +1,16 @@
-"""Logging of a daemon: stderr in the foreground; syslog in the background, or a file where there is none."""
+"""Logging of a daemon: stderr in the foreground; syslog in the background, or a file where there is none.
+
+Under systemd the foreground daemon's stderr is a stream into the journal (systemd sets JOURNAL_STREAM to
+its device and inode), and journald already puts the identifier and pid in front of every line: then each
+line goes out as ``<priority>message``, with no name of ours in front, so the journal shows
+``vhdxfs[70]: mounted ...`` once, and ``journalctl -p warning`` finds the warnings.
+"""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 from pathlib import Path
 
@@ -29,14 +36,49 @@ class FallbackLog(logging.FileHandler):
             Path(self.baseFilename).unlink(missing_ok=True)
 
 
+# syslog(3) priorities of the logging levels, as journald reads them from a "<N>" in front of a line
+# (SyslogLevelPrefix=, on by default).
+PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+DEBUG_PRIORITY = 7
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: CRITICAL 2 (crit), ERROR 3 (err), WARNING 4, INFO 6, DEBUG 7."""
+    return next((p for level, p in PRIORITIES if levelno >= level), DEBUG_PRIORITY)
+
+
+def stderr_is_journal() -> bool:
+    """Whether fd 2 is the journal stream systemd gave this service (JOURNAL_STREAM=<device>:<inode>), not a
+    terminal or a file that a child of the service was given instead (systemd.exec(5))."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>message`` on every line: journald gives a multi-line record (a traceback) one entry per
+    line, and each of them should carry the record's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
+
+
 def setup_logging(foreground: bool, debug: bool, log_file: Path | None = None) -> None:
-    """stderr in the foreground; syslog for a daemon, or ``log_file`` where there is no syslog (a
-    container without /dev/log), so a daemon's warnings are never silently lost."""
+    """stderr in the foreground (``<priority>message`` lines when that is the journal); syslog for a
+    daemon, or ``log_file`` where there is no syslog (a container without /dev/log), so a daemon's
+    warnings are never silently lost."""
     level = logging.DEBUG if debug else logging.INFO
     handler: logging.Handler
     if foreground:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("vhdxfs[%(process)d]: %(levelname)s: %(message)s"))
+        if stderr_is_journal():
+            handler.setFormatter(JournalFormatter("%(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("vhdxfs[%(process)d]: %(levelname)s: %(message)s"))
     elif Path("/dev/log").exists():
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("vhdxfs[%(process)d]: %(message)s"))

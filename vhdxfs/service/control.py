@@ -72,9 +72,10 @@ class Job:
                 try:
                     self.outcome = ("return", await self.command.run(self.arguments, self.emit))
                 except Exception as exc:  # noqa: BLE001 - the client is told; a bug costs one request
-                    if not isinstance(exc, VhdxError):
+                    cause = _leaf(exc)
+                    if not isinstance(cause, VhdxError):
                         log.exception("control command failed")
-                    self.outcome = ("error", cp.error_of(exc))
+                    self.outcome = ("error", cp.error_of(cause))
             if self.scope.cancelled_caught:
                 self.outcome = ("error", cp.error_of(VhdxError("the daemon is stopping; the command was undone "
                                                                "or finished", reason=Reason.INTERRUPTED)))
@@ -84,6 +85,13 @@ class Job:
                     changed()
             self.done.set()
             self.send.close()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error a nursery wrapped in groups (a command's own nursery: a merge and its progress)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Channel:

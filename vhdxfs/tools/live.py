@@ -33,8 +33,12 @@ def running(target: str, image: str | None, *, need_image: bool = True) -> Targe
 
 
 def call(target: Target, command: str, arguments: dict[str, Any], **kw: Any) -> Any:
-    with ControlClient(target.control) as client:
-        return client.call(command, {**target.arguments, **arguments}, **kw)
+    """Run ``command`` on the daemon of ``target``; an error that names no file names TARGET."""
+    try:
+        with ControlClient(target.control) as client:
+            return client.call(command, {**target.arguments, **arguments}, **kw)
+    except VhdxError as exc:
+        raise exc.with_path(target.given) from None
 
 
 # -- status ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ..engine import resize
 from ..errors import Reason, UsageError, VhdxError
-from ..service.control_client import ControlClient
 from ..sizes import format_size, parse_size
+from .live import call
 from .target import Target, find
 
 
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _live(target: Target, size: int, shrink: bool) -> int:
-    with ControlClient(target.control) as client:
-        answer = client.call("resize", {**target.arguments, "size": size, "shrink": shrink})
+    answer = call(target, "resize", {"size": size, "shrink": shrink})
     old, new = answer["old-size"], answer["new-size"]
     raw = target.raw
     if raw is None and target.holder.kind == "mount" and target.image is not None:

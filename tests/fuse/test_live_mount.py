@@ -158,6 +158,9 @@ def test_a_frozen_base_mounts_the_top_and_a_backup_reads_the_checkpoint(tmp_path
     finally:
         thread.join()
     assert raw.read_bytes() == bytes(model)
+    # The checkpoint cannot be merged away while the backup reads it; the message names the backup.
+    refused = fails("merge", raw, top.name)
+    assert f"in use by the vhdxfs mount daemon {backup.daemon_pid()} at {backup.mountpoint}" in refused
     status = json.loads(ok("status", backup.mountpoint, "--json"))
     assert [layer["path"] for layer in status["images"][0]["chain"]] == [str(base)]
     backup.umount()

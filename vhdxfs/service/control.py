@@ -31,6 +31,7 @@ from . import control_protocol as cp
 log = logging.getLogger("vhdxfs.control")
 
 MAX_CLIENTS = 32  # connections at a time; more are told so and closed
+BACKLOG = 128  # connections waiting to be accepted (a unix socket refuses more with EAGAIN)
 SEND_TIMEOUT = 30.0  # seconds a client may leave a reply untaken before it is dropped
 RECEIVE = 16 << 10
 EVENTS_KEPT = 16  # progress events waiting for a slow client; later ones are dropped (the next says it all)
@@ -217,7 +218,7 @@ def bind_unix(path: Path) -> socket.socket:
             address = f"/proc/self/fd/{folder}/{path.name}"
         sock.bind(address)
         os.chmod(path, 0o600)
-        sock.listen(MAX_CLIENTS)
+        sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise

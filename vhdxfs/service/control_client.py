@@ -30,12 +30,12 @@ class ControlClient:
     def __init__(self, path: str | os.PathLike[str], timeout: float = CONNECT_TIMEOUT) -> None:
         self.path = Path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
         self._reader = cp.LineReader(MAX_REPLY)
         self._lines: list[bytes] = []
         self._next_id = 1
         try:
-            _connect(self.sock, self.path)
+            _connect(self.sock, self.path)  # blocking: a unix socket's connect waits for room in the backlog
+            self.sock.settimeout(timeout)
             first = self._message()
         except BaseException:
             self.sock.close()

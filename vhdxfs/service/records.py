@@ -180,9 +180,10 @@ def holders_of(image: str | os.PathLike[str]) -> list[tuple[int, str, str]]:
 
 def held_message(image: str | os.PathLike[str]) -> str | None:
     """"in use by the vhdxfs mount daemon 1234 at /mnt/vm; stop it first (vhdxfs umount /mnt/vm)", or None
-    when no daemon's record holds ``image`` (never raises: it only words an error)."""
+    when no other daemon's record holds ``image`` (a daemon refused by another, as a live merge is by a
+    backup reading its checkpoint, names the other). Never raises: it only words an error."""
     try:
-        holders = [h for h in daemons() if h.holds(image) is not None]
+        holders = [h for h in daemons() if h.holds(image) is not None and h.pid != os.getpid()]
     except Exception:  # noqa: BLE001 - a message is being worded; the error it words is what counts
         return None
     if not holders:

@@ -222,3 +222,28 @@ def test_a_merge_whose_client_vanishes_finishes_in_the_daemon(daemon, image):
     assert io.returncode == 0 and "fail" not in io.stdout.lower(), io.stdout
     if answer.kind == "return":  # the checkpoint went in before the merge ended: merge it too
         assert vhdxfs("merge", daemon.socket, "during").returncode == 0
+
+
+def test_a_stop_mid_merge_leaves_a_chain_that_opens_with_every_byte(serve, tmp_path):
+    """A merge big enough to be cut short most of the time (then undone); if it was quicker, done."""
+    image = make_image(tmp_path / "big.vhdx", 512 * MiB, block_size=MiB)
+    with serve(image) as server:
+        io = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x41 0 8M", server.uri()], capture_output=True)
+        assert io.returncode == 0
+        top = Path(vhdxfs("checkpoint", server.socket).stdout.strip())
+        io = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x42 4M 300M", server.uri()], capture_output=True)
+        assert io.returncode == 0
+        c = Line(control_of(server))
+        assert c.message().kind == "greeting"
+        c.send(cp.request("merge", {"layer": top.name}, 1))
+        stopped = vhdxfs("stop", server.socket)  # at once: the merge is cut short and undone, or done
+        assert stopped.returncode == 0, stopped.stderr
+        c.close()
+    for layer in (top, image):
+        if layer.exists():
+            report = check_image(layer)
+            assert report["status"] == "clean" and not report["errors"], report
+    with serve(image) as server:  # whatever the stop left, disk.vhdx opens the chain with every byte
+        io = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x41 0 4M", "-c", "read -P 0x42 4M 300M",
+                             "-c", "read -P 0 304M 208M", server.uri()], capture_output=True, text=True)
+        assert io.returncode == 0 and "fail" not in io.stdout.lower(), io.stdout + io.stderr

@@ -43,7 +43,18 @@ def test_status_lists_the_clients_and_a_resize_reaches_new_connections(tmp_path,
         with RawClient(server.socket) as before:
             assert before.connect().size == 16 * MiB
             status = json.loads(ok("status", server.socket, "--json"))
-            assert status["daemon"]["kind"] == "nbd" and status["daemon"]["key"] == f"unix:{server.socket}"
+            daemon = status["daemon"]
+            assert daemon["kind"] == "nbd" and daemon["key"] == f"unix:{server.socket}" and daemon["pid"] > 0
+            assert daemon["uptime-seconds"] >= 0
+            [disk] = status["images"]
+            assert (disk["name"], disk["image"], disk["virtual-size"]) == ("disk", str(image), 16 * MiB)
+            [layer] = disk["chain"]
+            assert layer["path"] == str(image) and layer["role"] == "top" and layer["file-size"] > 0
+            assert {"host-bytes", "allocated-bytes"} <= set(layer)
+            assert set(disk["io"]) == {"read", "write", "zero", "flush"}
+            assert set(disk["io"]["read"]["latency-us"]) == {"p50", "p90", "p99", "max"}
+            assert {"queued-bytes", "limit-bytes"} == set(disk["writeback"])
+            assert disk["pending-metadata-pages"] >= 0 and disk["operation"] is None
             [client] = status["clients"]
             assert client["export"] == "disk" and client["size"] == 16 * MiB and client["address"].startswith("unix:")
             assert "resized" in ok("resize", server.socket, "48M")

@@ -7,14 +7,15 @@ import argparse
 import contextlib
 import errno
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Reason, VhdxError
 from ..service.control_client import ControlClient
 from ..sizes import format_size
-from .progress import Bar, progress
-from .prometheus import exposition
 from .target import Target, find
+
+if TYPE_CHECKING:
+    from .progress import Bar
 
 STATUS_TIMEOUT = 60.0  # seconds a daemon may take to answer a status
 
@@ -48,6 +49,8 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
     elif args.prometheus:
+        from .prometheus import exposition
+
         print(exposition(answer), end="")
     else:
         print("\n".join(describe(answer)))
@@ -115,6 +118,8 @@ def run_checkpoints(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from .progress import progress  # tqdm: loaded by the command that shows a bar
+
     target = running(args.target, args.image)
     with contextlib.ExitStack() as stack:
         bars: list[Bar] = []

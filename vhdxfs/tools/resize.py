@@ -20,7 +20,7 @@ from ..engine import resize
 from ..errors import Reason, UsageError, VhdxError
 from ..sizes import format_size, parse_size
 from .live import call
-from .target import Target, find
+from .target import Target, find, parse_address
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         new_size = parse_size(args.size, "SIZE")
     except UsageError as exc:
         raise exc.with_path(args.image) from None
-    target = find(args.image, args.served)
+    named = os.path.lexists(args.image) or parse_address(args.image) is not None
+    target = find(args.image, args.served) if named else None  # else the offline resize says "no such file"
     if target is not None:
         return _live(target, new_size, args.shrink)
     result = resize(args.image, new_size, shrink=args.shrink)

@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The names of tests/fuzz/targets.py TARGETS, here so that choosing one imports no vhdxfs module before
 # atheris instruments them.
-TARGET_NAMES = ("open", "log", "check", "repair", "locator", "nbd")
+TARGET_NAMES = ("open", "log", "check", "repair", "locator", "nbd", "control")
 # -timeout only as a backstop: tests/fuzz/guards.py cpu_limit bounds each input to 10 s of CPU time.
 LIBFUZZER_DEFAULTS = ["-timeout=1800", "-report_slow_units=1800", "-rss_limit_mb=2048", "-max_len=1024",
                       "-print_final_stats=1", "-reload=0"]
@@ -46,6 +46,13 @@ def starting_inputs(target: str) -> list[bytes]:
         return [b"\x03" + bytes(4) + b"\x00" + opt, b"\x05" + bytes(4) + b"\x00"
                 + struct.pack(">QII", p.IHAVEOPT, p.OPT_SET_META_CONTEXT, len(meta)) + meta,
                 b"\xff\x00\x00\x00\x03\x01" + req]
+    if target == "control":
+        from vhdxfs.service import control_protocol as cp
+
+        lines = [cp.request("status"), cp.request("merge", {"layer": "disk_1.avhdx", "image": "disk.raw"}, 7),
+                 cp.request("resize", {"size": "10G", "shrink": True}, "r"), cp.request("checkpoint", {"name": 5}),
+                 b'{"execute":"x","id":NaN}\n', b"[[[[[[[[\n", b"\xff\xfe\n" + b"a" * 200]
+        return [bytes([60, 7, 1, 3, 64, 2, 9, 17, 5]) + line for line in lines] + [bytes(9) + b"".join(lines)]
     if target == "locator":
         from .patches import spans
         from .seeds import seeds

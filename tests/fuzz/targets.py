@@ -13,6 +13,7 @@ from vhdxfs.engine import Disk, check_image
 from vhdxfs.engine.image import VhdxFile
 
 from .cases import case, snapshot
+from .control_target import control
 from .guards import refused
 from .nbd_target import nbd
 from .repair_target import repair
@@ -93,4 +94,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "repair": repair,
     "locator": locator,
     "nbd": nbd,
+    "control": control,
 }

@@ -214,7 +214,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Mount each IMAGE as MOUNTPOINT/<stem>.raw (disk.vhdx -> disk.raw). Returns once the mount is "
                     "ready; the daemon runs on in the background unless --foreground. Stop it with "
                     "'vhdxfs umount MOUNTPOINT', fusermount3 -u, or SIGTERM: every image is flushed and closed "
-                    "cleanly first.")
+                    "cleanly first. While it runs, 'vhdxfs status', 'checkpoint', 'merge' and 'resize' manage it. "
+                    "A writable mount of an image that checkpoints froze opens the top of its chain (still shown "
+                    "as <stem>.raw); -o ro opens the image itself, the checkpoint as it was.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",

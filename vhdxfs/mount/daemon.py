@@ -21,12 +21,14 @@ from pathlib import Path
 import pyfuse3
 
 from ..engine.aio import close_disks, open_disks
+from ..engine.live import Served, command_table, held, opened_paths
 from ..errors import Reason, VhdxError
 from ..service.daemon import Ready
 from ..service.lifecycle import Life, Serving, run_daemon
 from ..service.records import read_record, record_path
+from .control import size_notifier
 from .mounts import normalize
-from .operations import RawFilesOperations
+from .operations import RawFilesOperations, raw_name
 
 
 @dataclass
@@ -93,10 +95,13 @@ async def serve(config: MountConfig, ready: Ready) -> None:
 
 async def _start(config: MountConfig, life: Life) -> Serving:
     """Enter the disks, then the FUSE session, on the daemon's stack (service/lifecycle.py)."""
-    disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
+    paths = await opened_paths(config.images, config.read_only)  # the top of a checkpointed chain
+    disks = await open_disks(paths, read_only=config.read_only, parent=config.parent)
     life.on_close(close_disks, disks)
     life.refuse_if_stopping("while opening the images; not mounted")
-    ops = RawFilesOperations(disks, read_only=config.read_only, uid=config.uid, gid=config.gid)
+    names = [raw_name(image) for image in config.images]  # fixed now: a disk's path moves with checkpoints
+    ops = RawFilesOperations(disks, read_only=config.read_only, uid=config.uid, gid=config.gid, names=names)
+    served = [Served(name, Path(image), disk) for name, image, disk in zip(names, config.images, disks, strict=True)]
     # Nothing may touch the mount point once it is mounted and before we serve (not even realpath's lstat):
     # we would wait on ourselves, for ever. So every path is worked out now.
     mountpoint = normalize(config.mountpoint)
@@ -117,4 +122,5 @@ async def _start(config: MountConfig, life: Life) -> Serving:
     # the session fails.
     return Serving(record=record, key=mountpoint, status=f"serving {images}",
                    announce=f"mounted {images} at {config.mountpoint}", serve=pyfuse3.main,
-                   interrupt=pyfuse3.terminate)
+                   interrupt=pyfuse3.terminate, kind="mount",
+                   commands=command_table(served, life.hello, size_notifier(ops)), held=held(served))

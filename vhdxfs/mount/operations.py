@@ -87,7 +87,9 @@ class RawFilesOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, disks: list[AsyncDisk], *, read_only: bool, uid: int, gid: int,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True, names: list[str] | None = None) -> None:
+        """``names``: the raw files' names, fixed now from the images as configured (a disk's path moves on
+        with checkpoints and merges); by default from the disks' paths."""
         super().__init__()
         self.read_only = read_only
         self.uid, self.gid = uid, gid
@@ -96,7 +98,7 @@ class RawFilesOperations(pyfuse3.Operations):
         self.files: dict[int, RawFile] = {}
         self.by_name: dict[bytes, RawFile] = {}
         for i, disk in enumerate(disks):
-            f = RawFile(pyfuse3.ROOT_INODE + 1 + i, raw_name(disk.path), disk)
+            f = RawFile(pyfuse3.ROOT_INODE + 1 + i, names[i] if names else raw_name(disk.path), disk)
             self.files[f.inode] = f
             self.by_name[f.name.encode()] = f
 
@@ -151,7 +153,8 @@ class RawFilesOperations(pyfuse3.Operations):
     @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext | None) -> pyfuse3.EntryAttributes:
-        """Sizes are fixed (resize is an offline tool); times and modes are accepted and not stored."""
+        """A size changes only through `vhdxfs resize` (truncate to the size it has is fine: losetup -c,
+        QEMU's block_resize); times and modes are accepted and not stored."""
         if fields.update_size:
             f = self.files.get(inode)
             if f is None or attr.st_size != f.disk.size:

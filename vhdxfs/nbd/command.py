@@ -112,7 +112,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     "default export too). Listens on a unix socket (mode 0600) unless --listen is given; returns "
                     "once it listens, the daemon running on in the background unless --foreground. Stop it "
                     "with 'vhdxfs stop SOCKET|HOST:PORT' or SIGTERM: requests in flight finish, then every "
-                    "image is flushed and closed cleanly. A writable image is locked like a mounted one.")
+                    "image is flushed and closed cleanly. A writable image is locked like a mounted one. While it "
+                    "runs, 'vhdxfs status', 'checkpoint', 'merge' and 'resize' manage it (a resized export's "
+                    "new size reaches new connections). A writable serve of an image that checkpoints froze "
+                    "serves the top of its chain under the image's export name; -o ro serves the image itself.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="ro: serve read-only (writes get EPERM; a dirty log is replayed in memory)")

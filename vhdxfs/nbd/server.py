@@ -11,17 +11,21 @@ lives (service/lifecycle.py); this module gives it what the server opens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ..engine.aio import close_disks, open_disks
+from ..engine.live import Served, command_table, held, opened_paths
 from ..errors import UsageError
+from ..service.control import Command, Emit
 from ..service.daemon import Ready
 from ..service.lifecycle import Life, Serving, run_daemon
 from ..service.records import record_path
@@ -113,10 +117,12 @@ async def _start(config: ServeConfig, life: Life) -> Serving:
     life.callback(_close_sockets, socks, made)
     for sock in socks:
         lsn.check_plaintext(sock, tls is not None, config.insecure_no_tls)
-    disks = await open_disks(config.images, read_only=config.read_only, parent=config.parent)
+    paths = await opened_paths(config.images, config.read_only)  # the top of a checkpointed chain
+    disks = await open_disks(paths, read_only=config.read_only, parent=config.parent)
     life.on_close(close_disks, disks)
-    exports = Exports({export_name(d.path): Export(export_name(d.path), d) for d in disks}, tls,
-                      config.handshake_timeout)
+    # Names fixed now, from the images as given: a disk's path moves on with checkpoints and merges.
+    served = [Served(export_name(image), Path(image), disk) for image, disk in zip(config.images, disks, strict=True)]
+    exports = Exports({s.name: Export(s.name, s.disk, str(s.image)) for s in served}, tls, config.handshake_timeout)
     exports.budget = ByteBudget(SERVER_BUDGET)  # the data in flight of all connections: bounded with many
     connections = await life.enter(trio.open_nursery())
     listeners = lsn.trio_listeners(socks)
@@ -126,7 +132,21 @@ async def _start(config: ServeConfig, life: Life) -> Serving:
     names = ", ".join(exports.by_name)
     key = address_key(config)
     return Serving(record=state_file(config), key=key, status=f"serving {names}", announce=f"serving {names} on {key}",
-                   serve=life.stopping.wait)
+                   serve=life.stopping.wait, kind="nbd", commands=_commands(served, exports, life), held=held(served))
+
+
+def _commands(served: list[Served], exports: Exports, life: Life) -> dict[str, Command]:
+    """The control channel's commands (engine/live/commands.py); status adds the clients connected."""
+    table = command_table(served, life.hello)
+    status = table["status"]
+
+    async def with_clients(args: dict[str, Any], emit: Emit) -> Any:
+        answer = await status.run(args, emit)
+        answer["clients"] = [client.snapshot() for client in exports.clients.values()]
+        return answer
+
+    table["status"] = dataclasses.replace(status, run=with_clients)
+    return table
 
 
 async def _accept(listener: trio.SocketListener, exports: Exports, stopping: trio.Event,

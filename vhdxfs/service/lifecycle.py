@@ -28,38 +28,35 @@ Then ``Serving.serve()`` runs until it returns (the kernel ended the FUSE sessio
 signal calls ``Life.stop``, which calls ``Serving.interrupt``. A ``VhdxError`` before the daemon is ready
 is its failure to start: the stack closes what was opened, then the starter gets the error (``Ready``).
 
-A new piece is one more entry. The control channel (a unix socket beside the pid record, served in the
-daemon's nursery) is an async context manager entered between 2 and 3, where ``_live`` says so:
+A new piece is one more entry. The control channel (service/control.py: a unix socket beside the pid
+record, through which `vhdxfs status`, `checkpoint`, `merge` and `resize` reach the running disks) is the
+one entered between 2 and 3:
 
-    @contextlib.asynccontextmanager
-    async def control_channel(life: Life, serving: Serving) -> AsyncIterator[None]:
-        listener = bind_unix(serving.record.with_suffix(".ctl"))   # beside the pid record
-        scope = await life.nursery.start(serve_control, listener, life)   # commands may call life.stop
-        try:
-            yield
-        finally:
-            scope.cancel()
-            remove(listener)
+2b. the control channel, serving the front end's ``Serving.commands``: it exists exactly while the daemon
+   serves (failing to bind it fails the start like any failure), and closes before the rest: no new
+   request, the command running cancelled (a live operation finishes or undoes itself) and waited for,
+   then the resources it talks about close.
 
-    await life.enter(control_channel(life, serving))
-
-It then exists exactly while the daemon serves: failing to bind it fails the start like any failure
-(everything opened before it closes, the starter gets the error), and it closes before the rest.
+The record says what the daemon holds (``Serving.held``: each image's chain, service/records.py) and is
+written again after each command that changes it (``Life.refresh_record``).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
 from ..errors import Reason, VhdxError
+from .control import Command, control_channel, control_path
 from .daemon import Ready
 from .notify import sd_notify
 from .records import remove_record, write_record
@@ -80,6 +77,9 @@ class Serving:
     announce: str  # the log line that says it serves
     serve: Callable[[], Awaitable[None]]  # serve until stopped, or until serving ends of itself
     interrupt: Callable[[], None] | None = None  # called by a stop while ``serve`` runs (pyfuse3.terminate)
+    kind: str = "daemon"  # mount | nbd: what `vhdxfs status` and the messages naming a holder call it
+    commands: Mapping[str, Command] = field(default_factory=dict)  # the control channel's (service/control.py)
+    held: Callable[[], list[dict[str, Any]]] | None = None  # the images and their layers, for the pid record
 
 
 class Life:
@@ -93,6 +93,10 @@ class Life:
         self._stop_message = stop_message
         self._stack = AsyncExitStack()
         self._interrupt: Callable[[], None] | None = None
+        self.started = time.time()
+        self.serving: Serving | None = None
+        self.control: Path | None = None  # the control socket, once bound
+        self._record = _Record()
 
     def stop(self, why: str) -> None:
         """Start a clean stop: ``stopping`` is set and a running ``serve`` is interrupted. The first stop
@@ -128,14 +132,36 @@ class Life:
 
         self._stack.push_async_callback(shielded)
 
+    def hello(self) -> dict[str, Any]:
+        """Who the daemon is: the control channel's greeting, the daemon part of `vhdxfs status`."""
+        serving = self.serving
+        return {"version": _version(), "pid": os.getpid(), "kind": serving.kind if serving else "daemon",
+                "key": serving.key if serving else None, "started": self.started,
+                "uptime-seconds": round(time.time() - self.started, 3),
+                "commands": sorted(serving.commands) if serving else []}
+
+    def holds(self) -> dict[str, Any]:
+        """The record's fourth line: kind, control socket, images and their layers (service/records.py)."""
+        serving = self.serving
+        images = serving.held() if serving is not None and serving.held is not None else []
+        return {"kind": serving.kind if serving else "daemon", "control": str(self.control) if self.control else None,
+                "images": images}
+
+    def refresh_record(self) -> None:
+        """Write the pid record again (after a live operation changed the chains); only once it was written."""
+        if self._record.written is not None:
+            self._record.write(*self._record.written, self.holds())
+
     async def _live(self, ready: Ready, start: Start) -> None:
         """The stack, entered in the order the module's docstring lists."""
         async with self._stack:
-            record = _Record()
+            record = self._record
             self.callback(record.remove)
-            serving = await start(self)
-            # A control channel enters here: await self.enter(control_channel(self, serving)).
-            record.write(serving.record, serving.key)
+            serving = self.serving = await start(self)
+            self.control = await self.enter(control_channel(
+                self.nursery, self.stopping, control_path(serving.record, serving.key), self.hello,
+                serving.commands, self.refresh_record))
+            record.write(serving.record, serving.key, self.holds())
             log.info("%s", serving.announce)
             ready(None)
             self.announced = True
@@ -157,15 +183,24 @@ class Life:
 Start = Callable[[Life], Awaitable[Serving]]
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vhdxfs")
+    except Exception:  # noqa: BLE001 - not installed (run from a source tree)
+        return "unknown"
+
+
 class _Record:
     """The daemon's pid record once written; at the close removed if it is still this daemon's."""
 
     def __init__(self) -> None:
         self.written: tuple[Path, str] | None = None
 
-    def write(self, path: Path, key: str) -> None:
+    def write(self, path: Path, key: str, holds: dict[str, Any] | None = None) -> None:
         try:
-            write_record(path, key)
+            write_record(path, key, holds)
         except OSError as exc:
             log.warning("cannot record the daemon pid in %s: %s", path, exc)
             return

@@ -66,9 +66,10 @@ class PosixFile(FileBase):
             fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, arg)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
+                from ...service.records import held_message  # names the daemon holding it (its pid record)
                 how = "written" if exclusive else "read"
-                raise ImageLockedError(f"image is in use by another process (locked; cannot be {how} now)",
-                                       path=self.path) from None
+                raise ImageLockedError(held_message(self.path) or f"image is in use by another process (locked; "
+                                       f"cannot be {how} now)", path=self.path) from None
             raise self._error(exc) from None
 
     def set_writable(self, writable: bool) -> None:

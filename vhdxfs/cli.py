@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 import traceback
 
@@ -65,15 +67,27 @@ def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argpar
     return parser
 
 
+def _error_prefix() -> str:
+    """``vhdxfs: `` on a terminal or in a file; under systemd, where journald names us already, the error
+    priority instead (a failed start then shows once, as an error: service/logs.py)."""
+    from .service.logs import stderr_is_journal
+
+    return "<3>" if stderr_is_journal() else "vhdxfs: "
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a reader gone early is met below, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except VhdxError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"vhdxfs: {exc}", file=sys.stderr)
+        print(f"{_error_prefix()}{exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vhdxfs: interrupted", file=sys.stderr)
@@ -82,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"vhdxfs: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"{_error_prefix()}{where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> int:
+    """The reader of our output closed the pipe (`vhdxfs map IMAGE | head`): stop quietly, as a command killed
+    by SIGPIPE would, with what is still buffered for stdout dropped rather than failing at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def mount_helper() -> int:

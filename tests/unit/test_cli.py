@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import vhdxfs
+from vhdxfs.engine import Disk, ImageSpec, create_image
 from vhdxfs.errors import UsageError
 from vhdxfs.sizes import format_size, parse_size
 
@@ -90,3 +94,21 @@ def test_check_exit_codes(tmp_path):
     not_vhdx = tmp_path / "x.raw"
     not_vhdx.write_bytes(bytes(2 << 20))
     assert vhdxfs("check", not_vhdx).returncode == 1
+
+
+@pytest.mark.parametrize("command", [["map"], ["map", "--json"], ["info", "--json"], ["check", "--json"]])
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(tmp_path, command):
+    """`vhdxfs map IMAGE | head`: no "Broken pipe" line, the exit status of a command killed by SIGPIPE."""
+    image = tmp_path / "sparse.vhdx"
+    create_image(image, ImageSpec(8 << 30, block_size=1 << 20))
+    with Disk.open(image) as disk:
+        for i in range(0, 8 << 10, 2):  # every other MiB: thousands of extents, more than a pipe holds
+            disk.write(i << 20, b"x")
+    cli = " ".join([sys.executable, "-m", "vhdxfs.cli", *command, str(image)])
+    result = subprocess.run(["bash", "-c", f"{cli} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}} >&2"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.stderr.strip() in ("141", "0"), result.stderr
+    assert "Broken pipe" not in result.stderr
+
+
+ROOT = Path(__file__).resolve().parents[2]

@@ -56,6 +56,15 @@ def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argpar
     )
     parser.add_argument("--version", action="version", version=f"vhdxfs {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and request traces")
+    s3 = parser.add_argument_group("images in an S3 store (s3://BUCKET/KEY; docs/s3.md)")
+    s3.add_argument("--s3-endpoint", metavar="URL", help="the store's endpoint, for S3-compatible stores "
+                    "(default: $AWS_ENDPOINT_URL, else AWS)")
+    s3.add_argument("--s3-profile", metavar="NAME", help="the profile of the shared credentials and config files "
+                    "(default: $AWS_PROFILE, else default)")
+    s3.add_argument("--s3-cache-dir", metavar="DIR", help="keep fetched pages in DIR too, across runs "
+                    "(default: memory only)")
+    s3.add_argument("--s3-cache-size", metavar="SIZE", help="bytes of pages kept in --s3-cache-dir, per image "
+                    "(default 4G)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = None if full else _chosen(sys.argv[1:] if argv is None else argv)
     modules = [m for _n, m, _h in COMMANDS] if full else [m for n, m, _h in COMMANDS if n == chosen]
@@ -78,6 +87,7 @@ def _error_prefix() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    _s3_settings(args)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so a reader gone early is met below, not at the interpreter's exit
@@ -98,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"{_error_prefix()}{where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _s3_settings(args: argparse.Namespace) -> None:
+    """The S3 options, as the environment that the S3 client (and a daemon started from here) reads."""
+    for option, variable in (("s3_endpoint", "AWS_ENDPOINT_URL"), ("s3_profile", "AWS_PROFILE"),
+                             ("s3_cache_dir", "VHDXFS_S3_CACHE_DIR"), ("s3_cache_size", "VHDXFS_S3_CACHE_SIZE")):
+        value = getattr(args, option, None)
+        if value:
+            os.environ[variable] = os.path.abspath(value) if option == "s3_cache_dir" else value
 
 
 def _reader_gone() -> int:

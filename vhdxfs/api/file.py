@@ -19,10 +19,9 @@ import io
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..engine import Disk, Extent
+from ..engine import Disk, Extent, Location
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -63,7 +62,7 @@ class DiskFile(io.RawIOBase):
     def logical_sector_size(self) -> int:
         return self._disk.logical_sector_size
 
-    def chain(self) -> list[Path]:
+    def chain(self) -> list[Location]:
         """The image and its parents, child first."""
         return list(self._disk.chain())
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from ..engine import absolute_location, location_exists
 from ..errors import Reason, UsageError, VhdxError
 from ..service.daemon import Ready, daemonize, run_in_foreground
 from ..service.records import wait_for_exit
@@ -56,7 +57,7 @@ def parse_options(text: list[str], config: MountConfig) -> None:
 def check_arguments(config: MountConfig) -> None:
     names: dict[str, str] = {}
     for image in config.images:
-        if not Path(image).is_file():
+        if not location_exists(image):
             raise UsageError("no such image file", path=image, errno=errno.ENOENT, reason=Reason.NOT_FOUND)
         name = raw_name(image)
         if name in names:
@@ -164,8 +165,8 @@ def check_plain_user(config: MountConfig) -> None:
 
 def run_mount(args: argparse.Namespace) -> int:
     # Absolute paths: the daemon changes to / so that it keeps no directory busy.
-    config = MountConfig(images=[os.path.abspath(i) for i in args.images], mountpoint=normalize(args.mountpoint),
-                         parent=os.path.abspath(args.parent) if args.parent else None, debug=args.debug)
+    config = MountConfig(images=[absolute_location(i) for i in args.images], mountpoint=normalize(args.mountpoint),
+                         parent=absolute_location(args.parent) if args.parent else None, debug=args.debug)
     parse_options(args.options, config)
     check_arguments(config)
 

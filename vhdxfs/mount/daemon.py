@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyfuse3
 
+from ..engine import parse_location
 from ..engine.aio import close_disks, open_disks
 from ..engine.live import Served, command_table, held, opened_paths
 from ..errors import Reason, VhdxError
@@ -101,7 +102,8 @@ async def _start(config: MountConfig, life: Life) -> Serving:
     life.refuse_if_stopping("while opening the images; not mounted")
     names = [raw_name(image) for image in config.images]  # fixed now: a disk's path moves with checkpoints
     ops = RawFilesOperations(disks, read_only=config.read_only, uid=config.uid, gid=config.gid, names=names)
-    served = [Served(name, Path(image), disk) for name, image, disk in zip(names, config.images, disks, strict=True)]
+    served = [Served(name, parse_location(image), disk)
+              for name, image, disk in zip(names, config.images, disks, strict=True)]
     # Nothing may touch the mount point once it is mounted and before we serve (not even realpath's lstat):
     # we would wait on ourselves, for ever. So every path is worked out now.
     mountpoint = normalize(config.mountpoint)

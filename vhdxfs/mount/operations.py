@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from ..engine import Kind
+from ..engine import Kind, S3Location, parse_location
 from ..engine.aio import AsyncDisk
 from ..errors import VhdxError
 from .allocation import ATTR_TIMEOUT, Allocation
@@ -32,9 +32,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def raw_name(image: str | os.PathLike[str]) -> str:
-    """disk.vhdx -> disk.raw, snap.avhdx -> snap.raw"""
-    return Path(image).stem + ".raw"
+def raw_name(image: str | os.PathLike[str] | S3Location) -> str:
+    """disk.vhdx -> disk.raw, snap.avhdx -> snap.raw, s3://bucket/golden.vhdx -> golden.raw"""
+    return parse_location(image).stem + ".raw"
 
 
 class RawFile:
@@ -186,7 +186,8 @@ class RawFilesOperations(pyfuse3.Operations):
         bs = 4096
         s.f_bsize = s.f_frsize = bs
         s.f_blocks = sum(f.disk.size for f in self.files.values()) // bs
-        host = os.statvfs(next(iter(self.files.values())).disk.path.parent) if self.files else None
+        local = [f.disk.path for f in self.files.values() if isinstance(f.disk.path, Path)]
+        host = os.statvfs(local[0].parent) if local else None
         free = host.f_bavail * host.f_frsize // bs if host else 0
         s.f_bfree = s.f_bavail = min(free, s.f_blocks)
         s.f_files = len(self.files) + 1

@@ -6,10 +6,10 @@ import argparse
 import errno
 import os
 import signal
-from pathlib import Path
 
 import trio
 
+from ..engine import absolute_location, location_exists
 from ..errors import Reason, UsageError, VhdxError
 from ..service.daemon import Ready, daemonize, run_in_foreground
 from ..service.records import STATE_DIR, read_record, wait_for_exit
@@ -28,7 +28,7 @@ def default_socket(images: list[str]) -> str:
 def check_config(config: ServeConfig) -> None:
     names: dict[str, str] = {}
     for image in config.images:
-        if not Path(image).is_file():
+        if not location_exists(image):
             raise UsageError("no such image file", path=image, errno=errno.ENOENT, reason=Reason.NOT_FOUND)
         name = export_name(image)
         if name in names:
@@ -49,13 +49,13 @@ def _absolute(path: str | None) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    images = [os.path.abspath(i) for i in args.images]
+    images = [absolute_location(i) for i in args.images]
     options = [o for o in ",".join(args.options).split(",") if o]
     for option in options:
         if option not in ("ro", "rw"):
             raise UsageError(f"-o {option}: unknown option (serve knows ro and rw)", field="-o")
     config = ServeConfig(images=images, read_only="ro" in options,
-                         parent=os.path.abspath(args.parent) if args.parent else None,
+                         parent=absolute_location(args.parent) if args.parent else None,
                          socket=os.path.abspath(args.socket) if args.socket else None, listen=args.listen,
                          tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),
                          tls_ca=_absolute(args.tls_ca),

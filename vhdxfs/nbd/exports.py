@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine import S3Location, parse_location
 from ..engine.aio import AsyncDisk
 from . import protocol as p
 from .budget import ByteBudget
@@ -27,9 +28,9 @@ from .budget import ByteBudget
 MAX_PAYLOAD = 32 << 20  # the largest READ or WRITE served (the protocol's interoperable maximum)
 
 
-def export_name(image: str | Path) -> str:
-    """disk.vhdx -> "disk" (the mount shows it as disk.raw)."""
-    return Path(image).stem
+def export_name(image: str | Path | S3Location) -> str:
+    """disk.vhdx -> "disk" (the mount shows it as disk.raw); s3://bucket/golden.vhdx -> "golden"."""
+    return parse_location(image).stem
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from ..engine import parse_location
 from ..engine.aio import close_disks, open_disks
 from ..engine.live import Served, command_table, held, opened_paths
 from ..errors import UsageError
@@ -121,7 +122,8 @@ async def _start(config: ServeConfig, life: Life) -> Serving:
     disks = await open_disks(paths, read_only=config.read_only, parent=config.parent)
     life.on_close(close_disks, disks)
     # Names fixed now, from the images as given: a disk's path moves on with checkpoints and merges.
-    served = [Served(export_name(image), Path(image), disk) for image, disk in zip(config.images, disks, strict=True)]
+    served = [Served(export_name(image), parse_location(image), disk)
+              for image, disk in zip(config.images, disks, strict=True)]
     exports = Exports({s.name: Export(s.name, s.disk, str(s.image)) for s in served}, tls, config.handshake_timeout)
     exports.budget = ByteBudget(SERVER_BUDGET)  # the data in flight of all connections: bounded with many
     connections = await life.enter(trio.open_nursery())

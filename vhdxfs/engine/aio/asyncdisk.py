@@ -28,6 +28,7 @@ from ..disk.core import DiskCore
 from ..disk.runs import Extent, Kind
 from ..disk.sync import DiskFacts, widened, zero_pieces
 from ..image.host import HostFactory
+from ..image.locations import S3Location
 from ..image.posix import PosixFile
 from .asynchost import AsyncHost
 from .drive import drive
@@ -53,8 +54,8 @@ class AsyncDisk(DiskFacts):
         self.on_change: Callable[[int, int], None] | None = None
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, read_only: bool = False,
-                   parent: str | os.PathLike[str] | None = None, host_factory: HostFactory = PosixFile,
+    async def open(cls, path: str | os.PathLike[str] | S3Location, *, read_only: bool = False,
+                   parent: str | os.PathLike[str] | S3Location | None = None, host_factory: HostFactory = PosixFile,
                    data_write_guid: uuid.UUID | None = None, writeback_limit: int | None = None) -> AsyncDisk:
         """As Disk.open (engine/disk/sync.py), with the blocking work in a worker thread.
         ``writeback_limit``: bytes of acknowledged writes that may wait for the image file (default 16 MiB;

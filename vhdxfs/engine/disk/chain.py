@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 from ...errors import ParentError, Reason, VhdxError
 from ..image import chainrecord, parents
 from ..image.host import HostFactory
 from ..image.loader import VhdxFile
+from ..image.locations import S3Location, local, real
 from ..image.posix import PosixFile
 from .core import DiskCore
 
 
-def open_chain(path: str | os.PathLike[str], *, read_only: bool = False, parent: str | os.PathLike[str] | None = None,
+def open_chain(path: str | os.PathLike[str] | S3Location, *, read_only: bool = False,
+               parent: str | os.PathLike[str] | S3Location | None = None,
                host_factory: HostFactory = PosixFile, data_write_guid: uuid.UUID | None = None,
                allow_frozen: bool = False) -> DiskCore:
     """Open an image (blocking); a differencing image opens its parent chain (read-only, shared locks). A
@@ -26,25 +29,26 @@ def open_chain(path: str | os.PathLike[str], *, read_only: bool = False, parent:
     top = _open(path, read_only, parent, host_factory, data_write_guid, ()).chain()
     if not read_only and not allow_frozen:
         try:
-            chainrecord.check_not_frozen(top.path, top.layers()[-1].path)
+            chainrecord.check_not_frozen(local(top.path, "a writable open"), anchor(top))
         except BaseException:
             top.close_files()
             raise
     return top
 
 
-def _open(path: str | os.PathLike[str], read_only: bool, parent: str | os.PathLike[str] | None,
+def _open(path: str | os.PathLike[str] | S3Location, read_only: bool,
+          parent: str | os.PathLike[str] | S3Location | None,
           host_factory: HostFactory, data_write_guid: uuid.UUID | None, below_of: tuple[str, ...]) -> DiskCore:
     image = VhdxFile.open(path, read_only=read_only, host_factory=host_factory, data_write_guid=data_write_guid)
     if not image.is_differencing:
         return DiskCore(image, None)
     try:
-        chain = (*below_of, os.path.realpath(path))
+        chain = (*below_of, real(path))
         if len(chain) > parents.MAX_CHAIN_DEPTH:
             raise ParentError(f"parent chain is deeper than {parents.MAX_CHAIN_DEPTH}", path=chain[0],
                               reason=Reason.PARENT_CHAIN)
         parent_path = parents.find_parent(image.path, image.metadata, parent)
-        if os.path.realpath(parent_path) in chain:
+        if real(parent_path) in chain:
             raise ParentError(f"parent chain loops back to {parent_path}", path=path, reason=Reason.PARENT_CHAIN)
         below = _open(parent_path, True, None, host_factory, None, chain)
         try:
@@ -57,6 +61,12 @@ def _open(path: str | os.PathLike[str], read_only: bool, parent: str | os.PathLi
         image.close()
         raise
     return DiskCore(image, below)
+
+
+def anchor(top: DiskCore) -> Path:
+    """Where the chain record of ``top``'s chain lives: beside its base, or beside the lowest local layer when
+    the base is in an object store (engine/image/chainrecord.py)."""
+    return next(layer.path for layer in reversed(top.layers()) if isinstance(layer.path, Path))
 
 
 def freeze(layer: DiskCore) -> None:

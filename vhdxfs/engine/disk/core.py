@@ -18,11 +18,11 @@ The parts: Translator (translate.py), Allocation (allocate.py), Flusher (flush.p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from ...format.bat import PayloadState
 from ..image.journal import LogWriter, Overlay
 from ..image.loader import VhdxFile
+from ..image.locations import Location
 from . import chainmap
 from .allocate import Allocation
 from .chainmap import ChainMap
@@ -50,7 +50,7 @@ class DiskCore(LayerWrites):
         self.image = image
         self.parent = parent
         self.depth = 0  # numbered by ``chain``: 0 for the top, 1 for its parent, ...
-        self.path: Path = image.path
+        self.path: Location = image.path
         self.geometry = g = image.geometry
         self.size = g.virtual_size
         self.block_size = g.block_size

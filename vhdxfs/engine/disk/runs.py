@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from enum import IntEnum
-from pathlib import Path
 from typing import NamedTuple
+
+from ..image.locations import Location
 
 
 class Kind(IntEnum):
@@ -48,7 +49,7 @@ class Extent(NamedTuple):
     offset: int
     length: int
     kind: Kind
-    layer: Path
+    layer: Location
     depth: int
     file_offset: int = -1
 

@@ -12,11 +12,11 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 from ...errors import Reason, VhdxError
 from ..image.host import HostFactory, HostIO
+from ..image.locations import Location, S3Location
 from ..image.posix import PosixFile
 from .chain import open_chain
 from .core import DiskCore
@@ -34,7 +34,8 @@ class DiskFacts:
     _closed: bool
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Location:
+        """The image: a local path, or an object in a store (S3Location)."""
         return self._core.path
 
     @property
@@ -63,7 +64,7 @@ class DiskFacts:
     def closed(self) -> bool:
         return self._closed
 
-    def chain(self) -> list[Path]:
+    def chain(self) -> list[Location]:
         """This image and its parents, child first."""
         return [layer.path for layer in self._core.layers()]
 
@@ -103,8 +104,8 @@ class Disk(DiskFacts):
         self._closed = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False,
-             parent: str | os.PathLike[str] | None = None, host_factory: HostFactory = PosixFile,
+    def open(cls, path: str | os.PathLike[str] | S3Location, *, read_only: bool = False,
+             parent: str | os.PathLike[str] | S3Location | None = None, host_factory: HostFactory = PosixFile,
              data_write_guid: uuid.UUID | None = None) -> Disk:
         """Open ``path``; a differencing image finds its parents (``parent`` overrides the nearest one's
         locator). Writable opens take the image's exclusive lock, read-only ones a shared lock; a dirty

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 
 from ...errors import OutOfRangeError, ReadOnlyError, Reason, VhdxError
 from ...format.bat import Geometry, PayloadState
 from ..image.block_table import BlockAllocationTable
 from ..image.headers import HeaderState
+from ..image.locations import Location
 from .allocate import Allocation
 from .guards import BlockGuards, WritePlan
 from .runs import Kind, Run, add_run, blocks
@@ -30,7 +30,7 @@ _run = tuple.__new__  # a Run from a tuple of its fields, without the NamedTuple
 class LayerWrites:
     """Writes into one layer: mixed into DiskCore."""
 
-    path: Path
+    path: Location
     size: int
     block_size: int
     geometry: Geometry

@@ -18,6 +18,9 @@ top after the new file is durable and before the disk switches to it; a merge re
 after its child no longer needs it. Each write is atomic (a new file renamed over the old, both made
 durable), so a crash leaves the old record or the new one, and every step is ordered so that either names
 a chain that opens with every flushed write. A chain back to its base alone has no record.
+
+A base in an object store (``s3://``) is never written, so it needs no record: the record lives beside the
+lowest local layer instead (the *anchor*, ``base_of``), and lists the chain from there up.
 """
 
 from __future__ import annotations
@@ -133,14 +136,18 @@ def _peek(path: str | os.PathLike[str], writable: bool) -> PosixFile:
 
 
 def base_of(path: str | os.PathLike[str]) -> Path:
-    """The base of the chain ``path`` belongs to, found through the parent locators (nothing is locked)."""
+    """The base of the chain ``path`` belongs to, found through the parent locators (nothing is locked); for a
+    chain over a base in an object store, the lowest local layer (where its record lives)."""
     current = Path(path)
     for _ in range(MAX_CHAIN_DEPTH):
         image = VhdxFile.open(current, read_only=True, host_factory=_peek)
         try:
             if not image.is_differencing:
                 return current
-            current = find_parent(image.path, image.metadata)
+            parent = find_parent(image.path, image.metadata)
+            if not isinstance(parent, Path):
+                return current
+            current = parent
         finally:
             image.close()
     raise VhdxError(f"parent chain is deeper than {MAX_CHAIN_DEPTH}", path=path, reason=Reason.PARENT_CHAIN)

@@ -5,6 +5,7 @@ punching. Every method is synchronous and may block. Three kinds stand behind it
 
 - ``PosixFile`` (posix.py): an OS file, with the image's lock held (the normal case);
 - ``MemoryFile``: bytes in memory (tests, fuzzing: no OS file, no lock);
+- ``S3File`` (remote.py): an object in an S3 store, read-only, through a block cache;
 - fault-injecting files in the tests (tests/crash/powercut.py), which build on ``FileBase`` as these do.
 
 Who calls what: structures (headers, log, region table, metadata, BAT pages, sector bitmaps) are read and
@@ -23,13 +24,17 @@ from pathlib import Path
 from typing import Protocol
 
 from ...errors import HostIOError
+from .locations import Location
 
 
 class HostIO(Protocol):
     """A file holding an image, as the engine uses it."""
 
-    path: Path
     writable: bool
+
+    @property
+    def path(self) -> Location:
+        """A local file, or an object in a store (S3File)."""
 
     def size(self) -> int: ...
     def pread(self, offset: int, length: int) -> bytes: ...
@@ -53,7 +58,7 @@ HostFactory = Callable[..., HostIO]
 class FileBase(ABC):
     """What every HostIO derives from its primitives (the abstract methods)."""
 
-    path: Path
+    path: Location
     writable: bool
 
     @abstractmethod

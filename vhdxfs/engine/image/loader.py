@@ -35,6 +35,7 @@ from . import journal
 from .block_table import BlockAllocationTable, stored_pages
 from .headers import HeaderState
 from .host import HostFactory, HostIO
+from .locations import S3Location, open_host
 from .posix import PosixFile
 from .spacemap import SpaceMap, Span
 
@@ -82,10 +83,10 @@ class VhdxFile:
 
     # -- opening ------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, lenient: bool = False,
+    def open(cls, path: str | os.PathLike[str] | S3Location, *, read_only: bool = False, lenient: bool = False,
              host_factory: HostFactory = PosixFile, data_write_guid: uuid.UUID | None = None) -> VhdxFile:
         """Open and validate ``path``; ``data_write_guid``: the DataWriteGuid the first write sets (commit)."""
-        host = host_factory(path, writable=not read_only)
+        host = open_host(path, writable=not read_only, local_factory=host_factory)
         try:
             return cls.load(host, read_only=read_only, lenient=lenient, data_write_guid=data_write_guid)
         except VhdxError as exc:

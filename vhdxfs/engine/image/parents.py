@@ -1,9 +1,13 @@
 """Parent chains of differencing images: find the parent (2.6.2.6.3), check that it is the right one.
 
-Search order: a ``--parent`` override when the user gives one; else relative_path against the child's
-directory (backslashes are separators); else absolute_win32_path and volume_path when they name a file
-that exists here. The parent must carry the DataWriteGuid the child was made from (parent_linkage, or
-parent_linkage2 during a commit), the same virtual size and the same logical sector size.
+Search order: a ``--parent`` override when the user gives one (a path or an ``s3://`` URL); else
+relative_path against the child's directory (backslashes are separators; for a child in a store, against
+its key's "folder" in the same bucket); else absolute_win32_path and volume_path when they name a file that
+exists here; else ``url``, the extra key vhdxfs writes for a parent in an object store (the spec requires
+parent_linkage and one path entry and forbids no other key). So a downloaded copy of a remote parent that
+lies next to the child, where relative_path points, wins over the object itself; either must carry the
+DataWriteGuid the child was made from (parent_linkage, or parent_linkage2 during a commit), the same
+virtual size and the same logical sector size.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import os
 import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ...errors import ParentError, Reason
+from ...errors import ParentError, Reason, VhdxError
 from ...format.guids import parse_braced
 from ...format.metadata import Metadata
+from .locations import Location, S3Location, parse
 
 MAX_CHAIN_DEPTH = 64
 
@@ -32,28 +37,55 @@ def _as_local(win_path: str) -> list[Path]:
     return candidates
 
 
-def candidates(child: Path, meta: Metadata) -> list[Path]:
+URL_KEY = "url"  # where a parent in an object store is: s3://BUCKET/KEY
+
+
+def candidates(child: Location, meta: Metadata) -> list[Location]:
     entries = meta.parent_locator.entries if meta.parent_locator else {}
-    out: list[Path] = []
+    out: list[Location] = []
     rel = entries.get("relative_path")
     if rel:
-        out.append(child.parent / PurePosixPath(rel.replace("\\", "/")))
-    for key in ("absolute_win32_path", "volume_path"):
-        if entries.get(key):
-            out.extend(_as_local(entries[key]))
+        try:
+            out.append(child.parent / PurePosixPath(rel.replace("\\", "/")))
+        except VhdxError:
+            pass  # leads out of the child's bucket
+    if isinstance(child, Path):
+        for key in ("absolute_win32_path", "volume_path"):
+            if entries.get(key):
+                out.extend(_as_local(entries[key]))
+    if entries.get(URL_KEY):
+        try:
+            out.append(parse(entries[URL_KEY]))
+        except VhdxError:
+            raise ParentError(f"{URL_KEY} {entries[URL_KEY]!r} is not an s3:// URL", path=child, field="ParentLocator",
+                              reason=Reason.CORRUPT_METADATA) from None
     return out
 
 
-def find_parent(child: Path, meta: Metadata, override: str | os.PathLike[str] | None = None) -> Path:
+def _there(where: Location) -> bool:
+    """A local candidate is there if it is a file; an object in a store if it answers (HEAD)."""
+    if isinstance(where, Path):
+        return where.is_file()
+    from . import s3client
+
+    try:
+        s3client.head(where)
+    except (VhdxError, s3client.Transient):
+        return False
+    return True
+
+
+def find_parent(child: Location, meta: Metadata, override: str | os.PathLike[str] | S3Location | None = None
+                ) -> Location:
     if override is not None:
-        path = Path(override)
-        if not path.exists():
-            raise ParentError(f"parent {path} given with --parent does not exist", path=child)
-        return path
+        location = parse(override)
+        if isinstance(location, Path) and not location.exists():
+            raise ParentError(f"parent {location} given with --parent does not exist", path=child)
+        return location
     tried = candidates(child, meta)
-    for path in tried:
-        if path.is_file():
-            return path
+    for where in tried:
+        if _there(where):
+            return where
     names = ", ".join(str(p) for p in tried) or "no path in the parent locator"
     raise ParentError(f"parent not found (tried {names}); give it with --parent PATH", path=child,
                       field="ParentLocator")
@@ -72,7 +104,7 @@ def linkage_guids(meta: Metadata) -> list[uuid.UUID]:
     return out
 
 
-def check_parent(child: Path, child_meta: Metadata, parent: Path, parent_meta: Metadata,
+def check_parent(child: Location, child_meta: Metadata, parent: Location, parent_meta: Metadata,
                  parent_data_write_guid: uuid.UUID) -> None:
     expected = linkage_guids(child_meta)
     if parent_data_write_guid not in expected:

@@ -40,6 +40,8 @@ def _fallocate() -> Callable[[int, int, int, int], int]:
 class PosixFile(FileBase):
     """An image file on the host, opened read-only or read-write, with the matching lock held."""
 
+    path: Path
+
     def __init__(self, path: str | os.PathLike[str], *, writable: bool, lock: bool = True) -> None:
         self.path = Path(path)
         self.writable = writable

@@ -34,6 +34,7 @@ from ..aio.drive import drive
 from ..disk.core import DiskCore
 from ..image import chainrecord
 from ..image.loader import VhdxFile
+from ..image.locations import Location, local
 from ..image.parents import check_parent
 from ..ops.create import create_child_of
 from .layers import base, layers, record, set_writable
@@ -60,7 +61,7 @@ async def checkpoint(disk: AsyncDisk, name: str | None = None) -> Path:
     """Take a checkpoint of the running ``disk``; the path of the new top it now writes into."""
     with exclusive(disk, "checkpoint", str(disk.path)) as op:
         top = disk.core
-        path = checkpoint_path(top.path, base(disk).path.stem, name)
+        path = checkpoint_path(local(top.path, "a checkpoint"), base(disk).path.stem, name)
         async with disk.paused():
             with trio.CancelScope(shield=True):  # begun, it finishes or undoes itself
                 op.phase = "flushing"
@@ -75,7 +76,7 @@ async def checkpoint(disk: AsyncDisk, name: str | None = None) -> Path:
 
 async def _new_top(disk: AsyncDisk, top: DiskCore, path: Path) -> DiskCore:
     """Steps 2 to 5: the child's layer, opened writable over the frozen ``top``."""
-    chain = [layer.path for layer in layers(disk)]
+    chain: list[Location] = [layer.path for layer in layers(disk)]
     await trio.to_thread.run_sync(create_child_of, path, top.image)
     done: list[str] = []
     try:
@@ -105,7 +106,7 @@ def _open_child(path: Path, top: DiskCore) -> DiskCore:
     return DiskCore(image, top)
 
 
-def _undo(chain: list[Path], path: Path, recorded: bool) -> None:
+def _undo(chain: list[Location], path: Path, recorded: bool) -> None:
     if recorded:
         record(chain)
     path.unlink(missing_ok=True)

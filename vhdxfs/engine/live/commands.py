@@ -18,7 +18,6 @@ path of any file of its chain.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from ...errors import ParentError, Reason, VhdxError
 from ...service.control import Command, Emit
 from ...service.control_protocol import Param
 from ..aio import AsyncDisk
+from ..image.locations import Location, is_remote, real
 from .checkpoint import chain_top, checkpoint
 from .merge import merge
 from .resize import resize
@@ -44,7 +44,7 @@ class Served:
     """One image a daemon serves: the name it shows, the image as configured, its running disk."""
 
     name: str  # the raw file (disk.raw) or export (disk): fixed at start
-    image: Path  # as the daemon was told (a checkpoint's base keeps this name; the disk's top moves on)
+    image: Location  # as the daemon was told (a checkpoint's base keeps this name; the disk's top moves on)
     disk: AsyncDisk
 
     def held(self) -> dict[str, Any]:
@@ -62,6 +62,9 @@ async def opened_paths(images: list[str], read_only: bool) -> list[str]:
         return list(images)
     out = []
     for image in images:
+        if is_remote(image):  # never written: its open refuses a writable use, with what to do instead
+            out.append(image)
+            continue
         try:
             out.append(str(await trio.to_thread.run_sync(chain_top, image)))
         except ParentError:
@@ -83,9 +86,9 @@ def pick(served: list[Served], name: str | None) -> Served:
     for s in served:
         if name in (s.name, Path(s.name).stem, s.image.name, s.image.stem, str(s.image)):
             return s
-    wanted = os.path.realpath(name)
+    wanted = real(name)
     for s in served:
-        if wanted in (os.path.realpath(s.image), *(os.path.realpath(p) for p in s.disk.chain())):
+        if wanted in (real(s.image), *(real(p) for p in s.disk.chain())):
             return s
     raise VhdxError(f"the daemon serves no image {name!r} (it serves {', '.join(s.name for s in served)})",
                     errno=errno.ENOENT, reason=Reason.NOT_FOUND)

@@ -25,6 +25,7 @@ from ..disk.chain import freeze, thaw
 from ..disk.core import DiskCore
 from ..disk.runs import Kind
 from ..image import chainrecord
+from ..image.locations import Location, local, real
 from ..ops.commit import locator_pages, write_logged
 from ..ops.create import parent_locator_for
 from .state import Operation
@@ -44,9 +45,9 @@ def base(disk: AsyncDisk) -> DiskCore:
 def find_layer(disk: AsyncDisk, name: str | os.PathLike[str]) -> int:
     """The place (0: the top) of the layer ``name`` names: its path, file name or stem."""
     chain = layers(disk)
-    wanted = Path(name)
+    wanted = real(name)
     for i, layer in enumerate(chain):
-        if wanted.exists() and wanted.resolve() == layer.path.resolve():
+        if wanted == real(layer.path):
             return i
     for i, layer in enumerate(chain):
         if str(name) in (layer.path.name, layer.path.stem):
@@ -56,10 +57,11 @@ def find_layer(disk: AsyncDisk, name: str | os.PathLike[str]) -> int:
                     reason=Reason.NOT_FOUND)
 
 
-def record(paths: list[Path]) -> None:
-    """Record the chain of ``paths`` (top first) beside its base: what a writable open of any layer opens
-    (blocking)."""
-    chainrecord.write_layers(paths[-1], paths[::-1])
+def record(paths: list[Location]) -> None:
+    """Record the chain of ``paths`` (top first) beside its base, or beside its lowest local layer over a base
+    in an object store: what a writable open of any layer opens (blocking)."""
+    local_layers = [p for p in paths if isinstance(p, Path)]
+    chainrecord.write_layers(local_layers[-1], local_layers[::-1])
 
 
 async def set_writable(disk: AsyncDisk, layer: DiskCore, writable: bool,
@@ -139,8 +141,9 @@ async def drop_file(layer: DiskCore, host: AsyncHost) -> None:
 
     def remove() -> None:
         try:
-            layer.path.unlink()
-            folder = os.open(layer.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            path = local(layer.path, "removing a merged layer")
+            path.unlink()
+            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(folder)
             finally:

@@ -22,11 +22,11 @@ Crash safety, as the offline commit (engine/ops/commit.py) and in this order:
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
@@ -35,6 +35,7 @@ from ...format import guids
 from ..aio import AsyncDisk
 from ..aio.drive import drive
 from ..disk.core import DiskCore
+from ..image.locations import Location, S3Location
 from ..ops.commit import locator_pages, write_logged
 from .layers import copy_down, drop_file, find_layer, layers, own_blocks, record, repoint, set_writable
 from .state import Operation, exclusive
@@ -45,8 +46,8 @@ SETTLED = 64 << 20  # a final copy of at most this much is done paused
 
 @dataclass(frozen=True)
 class MergeResult:
-    layer: Path  # the layer merged (now deleted)
-    parent: Path  # what it went into
+    layer: Location  # the layer merged (now deleted)
+    parent: Location  # what it went into
     copied: int  # bytes of LAYER's blocks copied, every pass counted
     passes: int  # copies of the top (1 for an inner layer)
 
@@ -61,6 +62,10 @@ async def merge(disk: AsyncDisk, name: str | os.PathLike[str],
         raise VhdxError("is the base of the chain; there is no parent to merge it into", path=layer.path,
                         reason=Reason.BAD_ARGUMENT)
     parent = layer.parent
+    if isinstance(parent.path, S3Location):
+        raise VhdxError(f"its parent {parent.path} is in an object store, which vhdxfs only reads: a merge into it "
+                        "is refused (merge the local layers above it, or download the base, merge, and upload it "
+                        "with 'vhdxfs convert')", path=layer.path, errno=errno.EROFS, reason=Reason.READ_ONLY)
     with exclusive(disk, "merge", layer.path.name) as op:
         op.total = len(own_blocks(layer)) * layer.block_size
         upcoming = guids.new_guid()

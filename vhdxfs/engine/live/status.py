@@ -7,6 +7,7 @@ which the front end writes).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from ..aio import AsyncDisk
@@ -17,11 +18,13 @@ from .state import running
 
 def layer_info(layer: DiskCore, top: bool) -> dict[str, Any]:
     """One layer: its file, its role, what it takes on the host and what it holds (blocking: a BAT scan)."""
+    host: dict[str, Any] = {}
     try:
-        st = os.stat(layer.path)
-        host = {"file-size": st.st_size, "host-bytes": st.st_blocks * 512, "modified": st.st_mtime}
+        if isinstance(layer.path, Path):
+            st = os.stat(layer.path)
+            host = {"file-size": st.st_size, "host-bytes": st.st_blocks * 512, "modified": st.st_mtime}
     except OSError:
-        host = {}
+        pass
     return {"path": str(layer.path), "role": "top" if top else "frozen", "depth": layer.depth,
             "writable": not layer.read_only, "virtual-size": layer.size, "block-size": layer.block_size,
             "type": layer.image.disk_type, "allocated-bytes": sum(n for _o, n, _i in layer.bat.allocated_ranges()),

@@ -21,6 +21,7 @@ from ...errors import CorruptImageError, VhdxError
 from ..disk.sync import Disk
 from ..image.host import HostFactory
 from ..image.loader import Finding, VhdxFile
+from ..image.locations import S3Location
 from ..image.posix import PosixFile
 from .repair import repair_image
 
@@ -28,26 +29,34 @@ from .repair import repair_image
 _ERRORS = {Finding.REGION_TABLES_DIFFER}
 
 
-def parent_chain(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
+def parent_chain(path: str | os.PathLike[str] | S3Location, parent: str | os.PathLike[str] | S3Location | None = None,
+                 *,
                  host_factory: HostFactory = PosixFile) -> list[str]:
     """The parents of a differencing image, nearest first (opened read-only, never written)."""
     with Disk.open(path, read_only=True, parent=parent, host_factory=host_factory) as disk:
         return [str(p) for p in disk.chain()[1:]]
 
 
-def describe(path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def describe(path: str | os.PathLike[str] | S3Location, parent: str | os.PathLike[str] | S3Location | None = None
+             ) -> dict[str, Any]:
     """Facts about the image as a JSON-ready dict; a missing parent is reported, not raised."""
     image = VhdxFile.open(path, read_only=True)
     try:
         m, h = image.metadata, image.header
-        st = os.stat(path)
+        if isinstance(image.path, Path):
+            st = os.stat(image.path)
+            actual, size, remote = st.st_blocks * 512, st.st_size, {}
+        else:  # an object in a store: what it takes there, and the ETag it was read at
+            actual = size = image.host.size()
+            remote = {"etag": getattr(image.host, "etag", None)}
         info: dict[str, Any] = {
             "filename": str(path),
             "format": "vhdx",
             "type": image.disk_type,
             "virtual-size": m.virtual_size,
-            "actual-size": st.st_blocks * 512,
-            "file-size": st.st_size,
+            "actual-size": actual,
+            "file-size": size,
+            **remote,
             "allocated-bytes": sum(n for _o, n, _i in image.bat.allocated_ranges()),
             "block-size": m.block_size,
             "logical-sector-size": m.logical_sector_size,

@@ -37,6 +37,7 @@ from ..disk.sync import Disk
 from ..disk.translate import Translator, new_bitmaps
 from ..image.host import HostFactory
 from ..image.loader import VhdxFile
+from ..image.locations import local
 from ..image.logged_update import LoggedUpdate, PageEdits, check_fits, replace_item
 from ..image.parents import check_parent, find_parent
 from ..image.posix import PosixFile
@@ -116,7 +117,7 @@ def commit(child_path: str | os.PathLike[str], parent: str | os.PathLike[str] | 
         if not child.is_differencing:
             raise UsageError("is not a differencing image; there is no parent to commit into", path=child_path,
                              field="FileParameters.HasParent")
-        parent_path = find_parent(child.path, child.metadata, parent)
+        parent_path = local(find_parent(child.path, child.metadata, parent), "commit writes into the parent")
         upcoming = guids.new_guid()
         # A frozen parent may be written here: the merge keeps its child valid (parent_linkage2).
         core = open_chain(parent_path, host_factory=host_factory, data_write_guid=upcoming, allow_frozen=True)

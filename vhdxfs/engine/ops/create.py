@@ -37,6 +37,8 @@ from ...format.header import Header, encode_file_identifier
 from ...format.metadata import Metadata, ParentLocator, encode_region
 from ...format.region import RegionEntry, RegionTable
 from ..image.loader import VhdxFile
+from ..image.locations import Location, S3Location, local
+from ..image.parents import URL_KEY
 
 METADATA_REGION_LENGTH = 1 * MiB
 DEFAULT_CHILD_BLOCK_SIZE = 2 * MiB  # Hyper-V's default for differencing disks
@@ -160,8 +162,14 @@ def _write_fixed_bat(f: BinaryIO, geometry: Geometry, bat_offset: int, payload_o
     return payload_offset + geometry.data_blocks * geometry.block_size
 
 
-def parent_locator_for(child: Path, parent: Path, data_write_guid: uuid.UUID) -> ParentLocator:
-    """The locator a new child stores: the parent's contents (DataWriteGuid) and two ways to find it."""
+def parent_locator_for(child: Location, parent: Location, data_write_guid: uuid.UUID) -> ParentLocator:
+    """The locator a new child stores: the parent's contents (DataWriteGuid) and two ways to find it. A parent
+    in an object store is named by its URL (``url``, engine/image/parents.py) and by its file name in
+    relative_path, where a downloaded copy next to the child is found (by libvhdi too)."""
+    child = local(child, "a new child")
+    if isinstance(parent, S3Location):
+        return ParentLocator({"parent_linkage": guids.braced(data_write_guid), "relative_path": ".\\" + parent.name,
+                              URL_KEY: str(parent)})
     child_dir = child.resolve().parent
     parent_abs = parent.resolve()
     relative = os.path.relpath(parent_abs, child_dir).replace("/", "\\")
@@ -174,7 +182,8 @@ def parent_locator_for(child: Path, parent: Path, data_write_guid: uuid.UUID) ->
     })
 
 
-def create_child(child: str | os.PathLike[str], parent: str | os.PathLike[str], *, block_size: int | None = None,
+def create_child(child: str | os.PathLike[str], parent: str | os.PathLike[str] | S3Location, *,
+                 block_size: int | None = None,
                  log_size: int = 1 * MiB) -> None:
     """Create ``child`` as a differencing image of ``parent``: its size, sector sizes and disk id."""
     image = VhdxFile.open(parent, read_only=True)

@@ -6,7 +6,8 @@ cd "$(dirname "$0")"
 
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils qemu-system-common
           libvhdi-utils fio e2fsprogs dosfstools util-linux systemd kmod
-          libnbd-bin nbd-client openssl man-db bash-completion debootstrap systemd-container)
+          libnbd-bin nbd-client openssl man-db bash-completion debootstrap systemd-container
+          ceph-mon ceph-osd radosgw ceph-common)  # the last four: the RADOS Gateway the S3 tests run against
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 missing=()
@@ -37,8 +38,8 @@ if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(getattr(pyfuse3, 'VHDXFS
 fi
 
 if [ ! -x .venv/bin/vhdxfs ] || [ pyproject.toml -nt .venv/.installed ]; then
-  echo "setup: installing vhdxfs with its test extra into .venv" >&2
-  .venv/bin/pip install -q -e '.[test]'
+  echo "setup: installing vhdxfs with its test and s3 extras into .venv" >&2
+  .venv/bin/pip install -q -e '.[test,s3]'
   touch .venv/.installed
 fi
 

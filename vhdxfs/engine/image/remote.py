@@ -71,7 +71,8 @@ class S3File(FileBase):
         self.writable = False
         self.stats = Stats()
         self.retries = int(os.environ.get("VHDXFS_S3_RETRIES", "6"))
-        info = self._retrying(lambda: s3client.head(location))
+        self.client = s3client.store(location.bucket)
+        info = self._retrying(lambda: s3client.head(location, self.client))
         self._size, self.etag = info.size, info.etag
         self.cache = BlockCache(self._size, memory_bytes=_env_size("VHDXFS_S3_MEMORY", 256 << 20),
                                 directory=os.environ.get("VHDXFS_S3_CACHE_DIR") or None,
@@ -103,7 +104,7 @@ class S3File(FileBase):
 
     def _get(self, start: int, length: int) -> memoryview:
         def call() -> memoryview:
-            data = s3client.get_range(self.path, start, length, self.etag)
+            data = s3client.get_range(self.path, start, length, self.etag, self.client)
             with self._lock:
                 self.stats.requests += 1
                 self.stats.bytes_fetched += len(data)

@@ -50,7 +50,7 @@ def configure(*, endpoint_url: str | None = None, profile: str | None = None) ->
         for key, value in (("endpoint_url", endpoint_url), ("profile", profile)):
             if value:
                 _overrides[key] = value
-        _store.cache_clear()
+        _make_store.cache_clear()
 
 
 configure_s3 = configure
@@ -132,17 +132,23 @@ def _obstore() -> Any:
     return obstore
 
 
-@functools.lru_cache(maxsize=32)
-def _store(bucket: str) -> S3Store:
+def store(bucket: str) -> S3Store:
+    """The client of ``bucket`` under today's settings (one per bucket and settings, kept)."""
     _obstore()
+    return _make_store(bucket, tuple(sorted(settings().items())), timeout())
+
+
+@functools.lru_cache(maxsize=32)
+def _make_store(bucket: str, config_items: tuple[tuple[str, Any], ...], seconds: float) -> S3Store:
+    from datetime import timedelta
+
     from obstore.store import S3Store
 
-    config = settings()
-    seconds = f"{timeout():g}s"
-    client = {"allow_http": str(config.get("endpoint", "")).startswith("http://"), "timeout": seconds,
-              "connect_timeout": f"{min(timeout(), 10):g}s", "pool_max_idle_per_host": "32"}
+    config = dict(config_items)
+    client = {"allow_http": str(config.get("endpoint", "")).startswith("http://"), "timeout": f"{seconds:g}s",
+              "connect_timeout": f"{min(seconds, 10):g}s", "pool_max_idle_per_host": "32"}
     return S3Store(bucket, config=config, client_options=client,  # type: ignore[arg-type]
-                   retry_config={"max_retries": 0, "retry_timeout": __import__("datetime").timedelta(0)})
+                   retry_config={"max_retries": 0, "retry_timeout": timedelta(0)})
 
 
 _STATUS = re.compile(r"\b([45]\d\d)\b")
@@ -179,11 +185,11 @@ def _classify(exc: Exception, where: S3Location, what: str) -> Exception:
     return Transient(f"{what}: {text}")
 
 
-def head(where: S3Location) -> ObjectInfo:
+def head(where: S3Location, client: S3Store | None = None) -> ObjectInfo:
     """The object's size and ETag (Transient, or the VhdxError that says why not)."""
     obstore = _obstore()
     try:
-        meta = obstore.head(_store(where.bucket), where.key)
+        meta = obstore.head(client or store(where.bucket), where.key)
     except Exception as exc:  # obstore's errors, and the client's own (connections, timeouts)
         raise _classify(exc, where, "HEAD") from None
     etag = meta.get("e_tag")
@@ -193,13 +199,13 @@ def head(where: S3Location) -> ObjectInfo:
     return ObjectInfo(int(meta["size"]), str(etag))
 
 
-def get_range(where: S3Location, start: int, length: int, etag: str) -> memoryview:
+def get_range(where: S3Location, start: int, length: int, etag: str, client: S3Store | None = None) -> memoryview:
     """Exactly the bytes [start, start+length) of the object whose ETag is ``etag``: the answer's range, ETag
     and length are checked (a short body or another range is Transient, another ETag StaleObject)."""
     obstore = _obstore()
     what = f"GET bytes {start}-{start + length - 1}"
     try:
-        result = obstore.get(_store(where.bucket), where.key,
+        result = obstore.get(client or store(where.bucket), where.key,
                              options={"range": (start, start + length), "if_match": etag})
         got_range = tuple(result.range)
         got_etag = result.meta.get("e_tag")
@@ -222,7 +228,7 @@ def put_file(where: S3Location, path: str | os.PathLike[str], *, part_size: int 
     obstore = _obstore()
     try:
         with open(path, "rb") as f:
-            result = obstore.put(_store(where.bucket), where.key, f, chunk_size=part_size,
+            result = obstore.put(store(where.bucket), where.key, f, chunk_size=part_size,
                                  max_concurrency=concurrency)
     except OSError as exc:
         raise HostIOError(exc.strerror or str(exc), path=path, errno=exc.errno) from None

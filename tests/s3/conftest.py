@@ -125,9 +125,9 @@ def proxy(rgw: Rgw, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     """The fault proxy, which this test's S3 clients (and the CLI it runs) go through; tries and timeouts
     short, so a fault test takes seconds."""
     host, port = rgw.endpoint.removeprefix("http://").split(":")
-    p = FaultProxy(host, int(port)).start()
+    p = FaultProxy(host, int(port), delay=1.5).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
-    monkeypatch.setenv("VHDXFS_S3_TIMEOUT", "2")
+    monkeypatch.setenv("VHDXFS_S3_TIMEOUT", "1")
     monkeypatch.setenv("VHDXFS_S3_RETRIES", "3")
     try:
         yield p

@@ -171,6 +171,17 @@ class Rgw:
                 raise RuntimeError(f"the RADOS Gateway did not answer at {self.endpoint} in time")
             time.sleep(0.1)
 
+    def stop_gateway(self) -> None:
+        """Stop radosgw alone (the store goes away under its clients; the cluster keeps the objects)."""
+        proc = self.procs.pop("rgw")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+    def start_gateway(self, timeout: float = 30) -> None:
+        """Start radosgw again, on the same port; returns once it answers."""
+        self._daemon("rgw", "radosgw", "-n", "client.rgw.a")
+        self._wait_for_s3(time.monotonic() + timeout)
+
     def stop(self, timeout: float = 30) -> None:
         """Stop radosgw, then the OSD, then the monitor, each waited for (killed when it will not go)."""
         for name in ("rgw", "osd", "mon"):

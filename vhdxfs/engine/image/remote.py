@@ -104,7 +104,7 @@ class S3File(FileBase):
 
     def _get(self, start: int, length: int) -> memoryview:
         def call() -> memoryview:
-            data = s3client.get_range(self.path, start, length, self.etag, self.client)
+            data = s3client.get_range(self.path, start, length, self.etag, self._size, self.client)
             with self._lock:
                 self.stats.requests += 1
                 self.stats.bytes_fetched += len(data)

@@ -199,9 +199,11 @@ def head(where: S3Location, client: S3Store | None = None) -> ObjectInfo:
     return ObjectInfo(int(meta["size"]), str(etag))
 
 
-def get_range(where: S3Location, start: int, length: int, etag: str, client: S3Store | None = None) -> memoryview:
-    """Exactly the bytes [start, start+length) of the object whose ETag is ``etag``: the answer's range, ETag
-    and length are checked (a short body or another range is Transient, another ETag StaleObject)."""
+def get_range(where: S3Location, start: int, length: int, etag: str, size: int,
+              client: S3Store | None = None) -> memoryview:
+    """Exactly the bytes [start, start+length) of the object of ``size`` bytes whose ETag is ``etag``: the
+    answer's range, ETag, object size and length are checked (a short body, another range or size is
+    Transient, another ETag StaleObject)."""
     obstore = _obstore()
     what = f"GET bytes {start}-{start + length - 1}"
     try:
@@ -209,12 +211,15 @@ def get_range(where: S3Location, start: int, length: int, etag: str, client: S3S
                              options={"range": (start, start + length), "if_match": etag})
         got_range = tuple(result.range)
         got_etag = result.meta.get("e_tag")
+        got_size = result.meta.get("size")
         data = memoryview(result.bytes())
     except Exception as exc:
         raise _classify(exc, where, what) from None
     if got_etag is not None and got_etag != etag:
         raise StaleObject(f"{what}: the store answered for ETag {got_etag}, not the {etag} opened; refusing to mix "
                           "two images", path=where, errno=errno.ESTALE)
+    if got_size != size:
+        raise Transient(f"{what}: the store answered for an object of {got_size} bytes, not {size}")
     if got_range != (start, start + length):
         raise Transient(f"{what}: the store answered bytes {got_range[0]}-{got_range[1] - 1} instead")
     if len(data) != length:

@@ -10,8 +10,8 @@ import errno
 import pytest
 
 import vhdxfs
-from vhdxfs.errors import VhdxError
 from tests.s3.conftest import wait_until
+from vhdxfs.errors import VhdxError
 
 OFFSETS = [(i * 997 * 4096) % (15 << 20) for i in range(1, 40)]
 

@@ -83,7 +83,7 @@ def test_local_child_over_remote_base(images, store, tmp_path):
     info = json.loads(cli("info", "--json", child, check=True).stdout)
     locator = info["parent-locator"]
     assert locator["url"] == url and locator["relative_path"] == ".\\dynamic.vhdx"
-    assert "absolute_win32_path" not in locator
+    assert locator["absolute_win32_path"] == str(tmp_path / "dynamic.vhdx").replace("/", "\\")
     assert info["parents"] == [url]
     with vhdxfs.open(base) as f:
         expected = bytearray(f.read())

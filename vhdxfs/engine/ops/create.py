@@ -164,12 +164,14 @@ def _write_fixed_bat(f: BinaryIO, geometry: Geometry, bat_offset: int, payload_o
 
 def parent_locator_for(child: Location, parent: Location, data_write_guid: uuid.UUID) -> ParentLocator:
     """The locator a new child stores: the parent's contents (DataWriteGuid) and two ways to find it. A parent
-    in an object store is named by its URL (``url``, engine/image/parents.py) and by its file name in
-    relative_path, where a downloaded copy next to the child is found (by libvhdi too)."""
+    in an object store is named by its URL (``url``, engine/image/parents.py), and both path entries name the
+    place of a downloaded copy next to the child (the object's file name there), where any reader finds it:
+    libvhdi (as Debian ships it) takes the file name of absolute_win32_path and looks beside the child."""
     child = local(child, "a new child")
     if isinstance(parent, S3Location):
+        beside = child.resolve().parent / parent.name
         return ParentLocator({"parent_linkage": guids.braced(data_write_guid), "relative_path": ".\\" + parent.name,
-                              URL_KEY: str(parent)})
+                              "absolute_win32_path": str(beside).replace("/", "\\"), URL_KEY: str(parent)})
     child_dir = child.resolve().parent
     parent_abs = parent.resolve()
     relative = os.path.relpath(parent_abs, child_dir).replace("/", "\\")

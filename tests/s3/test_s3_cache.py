@@ -1,0 +1,124 @@
+"""The S3 host's economy: the block cache (4 KiB pages, memory bound, the on-disk cache directory), readahead
+for sequential reads, direct reads of large ranges, reads from the trio thread that never wait, and the
+client loaded only when an s3:// URL is met."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import trio
+
+import vhdxfs
+from vhdxfs.engine.image.blockcache import PAGE, BlockCache
+from vhdxfs.engine.image.locations import parse
+from vhdxfs.engine.image.remote import S3File
+
+
+def test_cache_pages_memory_bound_and_disk(tmp_path):
+    data = os.urandom(10 * PAGE + 100)
+    cache = BlockCache(len(data), memory_bytes=256 * PAGE, directory=str(tmp_path), identity="a")
+    view = memoryview(bytearray(5000))
+    assert not cache.copy(3000, view)
+    cache.put(0, memoryview(data[:8 * PAGE]))
+    assert cache.copy(3000, view) and bytes(view) == data[3000:8000]
+    cache.put(8 * PAGE, memoryview(data[8 * PAGE:]))  # the short last page
+    tail = memoryview(bytearray(PAGE + 100))
+    assert cache.copy(9 * PAGE, tail) and bytes(tail) == data[9 * PAGE:]
+    cache.close()
+    again = BlockCache(len(data), memory_bytes=256 * PAGE, directory=str(tmp_path), identity="a")
+    assert again.copy(0, view) and bytes(view) == data[:5000]  # found on disk by SEEK_DATA
+    other = BlockCache(len(data), directory=str(tmp_path), identity="another etag")
+    assert not other.copy(0, view)  # a replaced object never meets the old one's pages
+    again.close()
+    other.close()
+
+
+def test_memory_bound_evicts_least_recently_used():
+    cache = BlockCache(1000 * PAGE, memory_bytes=256 * PAGE)
+    cache.put(0, memoryview(bytes(300 * PAGE)))
+    assert len(cache.memory) == 256 and not cache.has(0) and cache.has(299)
+
+
+def test_random_reads_fetch_about_what_they_read(images):
+    """A random 4 KiB read costs one 4 KiB GET: bytes fetched over bytes read stays near 1."""
+    path, url = images["fixed"]
+    host = S3File(parse(url))
+    try:
+        rnd = random.Random(1)
+        host.stats.bytes_fetched = 0
+        read = 0
+        for _ in range(300):
+            off = rnd.randrange(1 << 20, host.size() - 8192) // 4096 * 4096
+            buf = memoryview(bytearray(4096))
+            host.pread_into(off, buf)
+            read += 4096
+            with open(path, "rb") as f:
+                f.seek(off)
+                assert bytes(buf) == f.read(4096)
+        assert host.stats.bytes_fetched / read < 1.5, host.stats.__dict__
+    finally:
+        host.close()
+
+
+def test_sequential_reads_are_fetched_ahead(images):
+    path, url = images["fixed"]
+    host = S3File(parse(url))
+    try:
+        local = path.read_bytes()
+        off, step = 1 << 20, 64 << 10
+        requests_before = host.stats.requests
+        while off + step <= 12 << 20:
+            buf = memoryview(bytearray(step))
+            host.pread_into(off, buf)
+            assert bytes(buf) == local[off:off + step]
+            off += step
+        reads = (11 << 20) // step
+        assert host.stats.requests - requests_before < reads / 3, host.stats.__dict__
+        assert host.stats.hits > reads / 2
+    finally:
+        host.close()
+
+
+def test_large_reads_go_direct(images):
+    path, url = images["fixed"]
+    host = S3File(parse(url))
+    try:
+        buf = memoryview(bytearray(5 << 20))
+        host.pread_into(1 << 20, buf)
+        assert bytes(buf) == path.read_bytes()[1 << 20:6 << 20]
+        assert not host.cache.memory or len(host.cache.memory) * PAGE < (5 << 20)
+    finally:
+        host.close()
+
+
+async def test_the_trio_driver_reads_a_remote_image(images):
+    from vhdxfs.engine.aio import AsyncDisk
+
+    path, url = images["dynamic"]
+    disk = await AsyncDisk.open(url, read_only=True)
+    try:
+        with vhdxfs.open(path) as f:
+            expected = f.read()
+        rnd = random.Random(4)
+        async with trio.open_nursery() as nursery:
+            async def reader(seed: int) -> None:
+                r = random.Random(seed)
+                for _ in range(30):
+                    off = r.randrange(disk.size - 70000)
+                    n = r.choice((512, 4096, 65536))
+                    assert bytes(await disk.read(off, n)) == expected[off:off + n]
+            for i in range(4):
+                nursery.start_soon(reader, rnd.randrange(1000) + i)
+    finally:
+        await disk.close()
+
+
+def test_a_local_image_loads_no_s3_client(tmp_path):
+    code = ("import sys, vhdxfs; from vhdxfs.tools import info; "
+            "from vhdxfs.engine import create_image, ImageSpec, describe; "
+            f"create_image({str(tmp_path / 'x.vhdx')!r}, ImageSpec(1 << 20)); describe({str(tmp_path / 'x.vhdx')!r}); "
+            "assert 'obstore' not in sys.modules and 'vhdxfs.engine.image.remote' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

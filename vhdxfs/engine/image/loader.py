@@ -35,7 +35,8 @@ from . import journal
 from .block_table import BlockAllocationTable, stored_pages
 from .headers import HeaderState
 from .host import HostFactory, HostIO
-from .locations import S3Location, open_host
+from .hosts import open_host
+from .locations import S3Location
 from .posix import PosixFile
 from .spacemap import SpaceMap, Span
 

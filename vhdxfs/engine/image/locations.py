@@ -7,9 +7,7 @@ answers the few questions of a path that make sense for an object (``name``, ``s
 ``parent``, ``/``), so a locator's relative path resolves against a remote child as against a local one,
 and has no ``__fspath__``: nothing can hand it to the OS by mistake.
 
-``open_host`` picks the host of one layer by its scheme: ``remote.S3File`` (loaded on first use: a local
-image never imports the S3 client) for an object, the given local factory (``PosixFile``, or a test's)
-for a path.
+``hosts.open_host`` picks the host of one layer by its scheme.
 """
 
 from __future__ import annotations
@@ -19,12 +17,9 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 from ...errors import UsageError
-
-if TYPE_CHECKING:
-    from .host import HostFactory, HostIO
 
 SCHEME = "s3://"
 
@@ -112,12 +107,3 @@ def local(where: Location, what: str) -> Path:
         raise ReadOnlyError(f"{what}: an image in an object store is only read (make a local child of it with "
                             "'vhdxfs create CHILD --parent URL')", path=where)
     return where
-
-
-def open_host(where: str | os.PathLike[str] | S3Location, *, writable: bool, local_factory: HostFactory) -> HostIO:
-    """The host of one image: the S3 host for an object, ``local_factory`` for a path."""
-    location = parse(where)
-    if isinstance(location, S3Location):
-        from .remote import S3File
-        return S3File(location, writable=writable)
-    return local_factory(where, writable=writable)

@@ -13,7 +13,8 @@ on disk):
 - a read that starts where the last ended is sequential: the pages after it are fetched ahead in the
   background, the window doubling from 256 KiB to 8 MiB while the reads stay sequential;
 - a read of 1 MiB or more (convert, a backup) goes straight into the caller's buffer in parallel parts and
-  is not cached.
+  is not cached; while such reads are sequential, the next ones (up to 32 MiB ahead) are fetched meanwhile,
+  so the store is never idle between two of them.
 
 Faults: a 5xx, throttling (429, SlowDown), a timeout, a dropped connection, a short body or an answer for
 another range is tried again with exponential backoff and jitter (``VHDXFS_S3_RETRIES`` times, 6 by
@@ -43,6 +44,7 @@ T = TypeVar("T")
 DIRECT = 1 << 20  # reads this large bypass the cache
 PART = 1 << 20  # the size of one GET of a parallel fetch
 READAHEAD_MIN, READAHEAD_MAX = 256 << 10, 8 << 20
+STREAM_AHEAD = 32 << 20  # bytes of large sequential reads fetched before they are asked for
 CONCURRENCY = int(os.environ.get("VHDXFS_S3_CONCURRENCY", "8"))
 
 
@@ -80,6 +82,8 @@ class S3File(FileBase):
                                 identity=f"{location}\0{self.etag}")
         self._pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="vhdxfs-s3")
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="vhdxfs-s3-ahead")
+        self._streamer = ThreadPoolExecutor(2, thread_name_prefix="vhdxfs-s3-stream")
+        self._stream: dict[tuple[int, int], Future[bytearray]] = {}
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[None]] = {}
         self._next = -1  # where a sequential read would start
@@ -189,6 +193,37 @@ class S3File(FileBase):
             self._ahead_to = stop
         self._ahead.submit(self._read_ahead, start // PAGE, (stop + PAGE - 1) // PAGE)
 
+    def _fetch_bytes(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        self._parallel(offset, length, lambda o, n: self._get_into(o, view[o - offset:o - offset + n]))
+        return buf
+
+    def _direct(self, offset: int, view: memoryview) -> None:
+        """A large read: from what was fetched ahead for it, else fetched now; the next ones are fetched ahead
+        while the reads stay sequential."""
+        length = len(view)
+        with self._lock:
+            sequential = offset == self._next
+            self._next = offset + length
+            ready = self._stream.pop((offset, length), None)
+            if not sequential:
+                for stale in self._stream.values():
+                    stale.cancel()
+                self._stream.clear()
+            else:
+                for k in range(1, max(1, STREAM_AHEAD // length) + 1):
+                    key = (offset + k * length, length)
+                    if key[0] + length <= self._size and key not in self._stream:
+                        self._stream[key] = self._streamer.submit(self._fetch_bytes, *key)
+        if ready is not None:
+            try:
+                view[:] = ready.result()
+                return
+            except Exception:  # noqa: S110 - fetched again below, with its own tries
+                pass
+        self._parallel(offset, length, lambda o, n: self._get_into(o, view[o - offset:o - offset + n]))
+
     def _read_ahead(self, first: int, last: int) -> None:
         try:
             self._fetch_pages(first, last)
@@ -207,8 +242,7 @@ class S3File(FileBase):
         if not length:
             return
         if length >= DIRECT:
-            self._sequential(offset, length)
-            self._parallel(offset, length, lambda o, n: self._get_into(o, view[o - offset:o - offset + n]))
+            self._direct(offset, view)
             return
         self._sequential(offset, length)
         for _ in range(8):
@@ -246,6 +280,7 @@ class S3File(FileBase):
 
     def close(self) -> None:
         self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._streamer.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
         self.cache.close()
 

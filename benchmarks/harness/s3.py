@@ -70,8 +70,18 @@ def bench_convert(url: str, http_url: str, work: Path, rounds: int, env: dict[st
             if name == "vhdxfs":
                 vhdxfs_cli("convert", url, out, env=env)
             else:
-                subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", http_url, str(out)], check=True,
-                               env=env)
+                # QEMU's curl driver (7.2) sometimes stops on connections the gateway has closed (CLOSE-WAIT,
+                # no progress): its own timeout ends such a request, and a run that still hangs is retried.
+                spec = json.dumps({"driver": "vhdx", "file": {"driver": "http", "url": http_url, "timeout": 20}})
+                for attempt in range(3):
+                    try:
+                        subprocess.run(["qemu-img", "convert", "-O", "raw", f"json:{spec}", str(out)], check=True,
+                                       env=env, timeout=300)
+                        break
+                    except subprocess.TimeoutExpired:
+                        print(f"qemu-img convert hung (attempt {attempt + 1}); killed and run again", flush=True)
+                        out.unlink(missing_ok=True)
+                        t = time.perf_counter()
             times[name].append(time.perf_counter() - t)
             out.unlink()
     return times

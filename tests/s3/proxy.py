@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import socket
 import socketserver
 import threading
 import time
@@ -75,6 +76,10 @@ class FaultProxy:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -42,7 +42,7 @@ from .locations import S3Location
 
 T = TypeVar("T")
 DIRECT = 1 << 20  # reads this large bypass the cache
-PART = 1 << 20  # the size of one GET of a parallel fetch
+PART = 4 << 20  # the size of one GET of a parallel fetch (RGW stores objects in 4 MiB stripes)
 READAHEAD_MIN, READAHEAD_MAX = 256 << 10, 8 << 20
 STREAM_AHEAD = 32 << 20  # bytes of large sequential reads fetched before they are asked for
 CONCURRENCY = int(os.environ.get("VHDXFS_S3_CONCURRENCY", "8"))
@@ -82,7 +82,7 @@ class S3File(FileBase):
                                 identity=f"{location}\0{self.etag}")
         self._pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="vhdxfs-s3")
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="vhdxfs-s3-ahead")
-        self._streamer = ThreadPoolExecutor(2, thread_name_prefix="vhdxfs-s3-stream")
+        self._streamer = ThreadPoolExecutor(4, thread_name_prefix="vhdxfs-s3-stream")
         self._stream: dict[tuple[int, int], Future[bytearray]] = {}
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[None]] = {}

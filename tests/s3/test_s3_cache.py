@@ -42,6 +42,28 @@ def test_memory_bound_evicts_least_recently_used():
     assert len(cache.memory) == 256 and not cache.has(0) and cache.has(299)
 
 
+def test_a_page_evicted_while_read_from_disk_is_a_miss(tmp_path):
+    """The cache file is read with the lock let go: a page whose hole is punched meanwhile (evicted by another
+    thread's put) reads back as zeros, and must count as a miss, never as the page."""
+    data = os.urandom(600 * PAGE)
+    cache = BlockCache(len(data), memory_bytes=256 * PAGE, directory=str(tmp_path), disk_bytes=256 * PAGE,
+                       identity="a")
+    cache.put(0, memoryview(data[:PAGE]))
+    cache.memory.clear()  # the page now only on disk
+    view = memoryview(bytearray(PAGE))
+    assert cache.copy(0, view) and bytes(view) == data[:PAGE]
+    cache.memory.clear()
+    read = cache._disk_get
+
+    def evicted_meanwhile(fd: int, page: int, nowait: bool) -> bytes | None:
+        cache.put(PAGE, memoryview(data[PAGE:300 * PAGE]))  # 299 more pages: page 0 punched out
+        return read(fd, page, nowait)
+
+    cache._disk_get = evicted_meanwhile  # type: ignore[method-assign]
+    assert not cache.copy(0, view)
+    cache.close()
+
+
 def test_random_reads_fetch_about_what_they_read(images):
     """A random 4 KiB read costs one 4 KiB GET: bytes fetched over bytes read stays near 1."""
     path, url = images["fixed"]

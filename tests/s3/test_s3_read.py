@@ -119,3 +119,19 @@ def test_remote_child_finds_its_remote_parent(images, store, tmp_path):
     with vhdxfs.open(child_url) as remote, vhdxfs.open(child) as here:
         assert remote.read() == here.read()
         assert [str(p) for p in remote.chain()] == [child_url, url]
+
+
+def test_parent_not_found_says_why_each_candidate_failed(images, store, tmp_path):
+    """A child whose remote parent is gone names every place tried and, for the object, why it failed."""
+    base, _url = images["dynamic"]
+    url = store.put(base, "gone/base.vhdx")
+    child = tmp_path / "orphan.avhdx"
+    cli("create", child, "--parent", url, check=True)
+    store.client.delete_object(Bucket=store.bucket, Key="gone/base.vhdx")  # type: ignore[attr-defined]
+    with pytest.raises(VhdxError) as caught:
+        vhdxfs.open(child)
+    message = str(caught.value)
+    assert "parent not found" in message and str(tmp_path / "base.vhdx") in message
+    assert f"{url} (" in message and "no such object" in message, message
+    described = cli("info", child, check=True)  # info still describes the child, saying what it lacks
+    assert "no such object" in described.stdout

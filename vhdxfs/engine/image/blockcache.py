@@ -7,8 +7,10 @@ of pages, least recently used first out. With a cache directory, pages also go i
 offsets, and a later open finds them through SEEK_DATA; up to ``disk_bytes`` are kept there, the least
 recently used given back by punching their holes. A page is written whole before it counts as there.
 
-Thread-safe: one lock around the maps, held for lookups and copies only (never across a fetch), so
-``copy_now`` may run on an event loop's thread.
+Thread-safe: one lock around the maps, held for lookups, copies and a page's eviction (never across a
+fetch or a read of the cache file), so ``copy(nowait=True)`` may run on an event loop's thread. A page read
+from the cache file with the lock let go counts only if it was not evicted (its hole punched) or written
+again meanwhile: each page on disk carries the number of its write, checked again once the read is done.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class BlockCache:
         self.memory: OrderedDict[int, bytes] = OrderedDict()
         self.lock = threading.Lock()
         self.fd = -1
-        self.disk: OrderedDict[int, None] = OrderedDict()
+        self.disk: OrderedDict[int, int] = OrderedDict()  # page -> the number of its write (see _disk_get)
+        self.writes = 0
         self.disk_limit = max(disk_bytes // PAGE, 256)
         if directory:
             self._open_disk(directory, identity)
@@ -47,20 +50,28 @@ class BlockCache:
                 start = os.lseek(self.fd, pos, os.SEEK_DATA)
                 end = os.lseek(self.fd, start, os.SEEK_HOLE)
                 for page in range((start + PAGE - 1) // PAGE, end // PAGE):
-                    self.disk[page] = None
+                    self.disk[page] = 0
                 pos = end
         except OSError:
             pass  # ENXIO: no data past pos
 
     def _disk_put(self, page: int, data: bytes) -> None:
-        if self.fd < 0 or page in self.disk:
-            return
+        """Write a page into the cache file, then count it as there; evict the least recently used past the
+        bound. The hole is punched under the lock, so a page written again later is never punched by an
+        eviction that ran late."""
+        with self.lock:
+            fd = self.fd
+            if fd < 0 or page in self.disk:
+                return
         try:
-            os.pwrite(self.fd, data.ljust(PAGE, b"\0"), page * PAGE)
+            os.pwrite(fd, data.ljust(PAGE, b"\0"), page * PAGE)
         except OSError:
             return  # a full or failing cache disk only costs fetches
         with self.lock:
-            self.disk[page] = None
+            if self.fd != fd:
+                return  # closed meanwhile
+            self.writes += 1
+            self.disk[page] = self.writes
             while len(self.disk) > self.disk_limit:
                 old, _ = self.disk.popitem(last=False)
                 self._punch(old)
@@ -70,11 +81,11 @@ class BlockCache:
 
         _fallocate()(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, page * PAGE, PAGE)
 
-    def _disk_get(self, page: int, nowait: bool) -> bytes | None:
+    def _disk_get(self, fd: int, page: int, nowait: bool) -> bytes | None:
         """A page from the cache file (``nowait``: only from the host's page cache), None if not there."""
         buf = bytearray(PAGE)
         try:
-            n = os.preadv(self.fd, [buf], page * PAGE, _NOWAIT if nowait else 0)
+            n = os.preadv(fd, [buf], page * PAGE, _NOWAIT if nowait else 0)
         except OSError:
             return None
         if n != PAGE:
@@ -86,34 +97,44 @@ class BlockCache:
 
     # -- lookups --------------------------------------------------------------------------------------------
     def _get(self, page: int, nowait: bool) -> bytes | None:
-        data = self.memory.get(page)
-        if data is not None:
-            self.memory.move_to_end(page)
-            return data
-        if page in self.disk and (not nowait or _NOWAIT):
-            data = self._disk_get(page, nowait)
+        """A page from memory, else from the cache file (read with the lock let go: a reader on the event
+        loop's thread never waits behind a disk read)."""
+        with self.lock:
+            data = self.memory.get(page)
             if data is not None:
-                self._remember(page, data)
-            return data
-        return None
+                self.memory.move_to_end(page)
+                return data
+            written = self.disk.get(page)
+            if written is None or (nowait and not _NOWAIT):
+                return None
+            self.disk.move_to_end(page)
+            fd = self.fd
+        data = self._disk_get(fd, page, nowait)
+        if data is None:
+            return None
+        with self.lock:
+            if self.fd != fd or self.disk.get(page) != written:
+                return None  # evicted (a hole now), written again or closed while it was read: a miss
+            self._remember(page, data)
+        return data
 
     def has(self, page: int) -> bool:
-        return page in self.memory or page in self.disk
+        with self.lock:
+            return page in self.memory or page in self.disk
 
     def copy(self, offset: int, view: memoryview, *, nowait: bool = False) -> bool:
         """Fill ``view`` with the object's bytes at ``offset`` if every page is cached (``nowait``: without a
         wait on the disk); False, and ``view`` partly filled, otherwise."""
         end = offset + len(view)
         page = offset // PAGE
-        with self.lock:
-            while page * PAGE < end:
-                data = self._get(page, nowait)
-                if data is None:
-                    return False
-                lo = max(offset, page * PAGE)
-                hi = min(end, page * PAGE + len(data))
-                view[lo - offset:hi - offset] = data[lo - page * PAGE:hi - page * PAGE]
-                page += 1
+        while page * PAGE < end:
+            data = self._get(page, nowait)
+            if data is None:
+                return False
+            lo = max(offset, page * PAGE)
+            hi = min(end, page * PAGE + len(data))
+            view[lo - offset:hi - offset] = data[lo - page * PAGE:hi - page * PAGE]
+            page += 1
         return True
 
     def put(self, offset: int, data: memoryview) -> None:
@@ -131,6 +152,7 @@ class BlockCache:
                 self._disk_put(page, chunk)
 
     def _remember(self, page: int, data: bytes) -> None:
+        """Keep a page in memory, the least recently used out past the bound (called with the lock held)."""
         self.memory[page] = data
         self.memory.move_to_end(page)
         while len(self.memory) > self.memory_limit:

@@ -62,17 +62,19 @@ def candidates(child: Location, meta: Metadata) -> list[Location]:
     return out
 
 
-def _there(where: Location) -> bool:
-    """A local candidate is there if it is a file; an object in a store if it answers (HEAD)."""
+def _there(where: Location) -> str | None:
+    """None if the candidate is there (a local file; an object that answers HEAD), else why not."""
     if isinstance(where, Path):
-        return where.is_file()
+        return None if where.is_file() else "no such file"
     from . import s3client
 
     try:
         s3client.head(where)
-    except (VhdxError, s3client.Transient):
-        return False
-    return True
+    except VhdxError as exc:
+        return exc.message
+    except s3client.Transient as exc:
+        return str(exc)
+    return None
 
 
 def find_parent(child: Location, meta: Metadata, override: str | os.PathLike[str] | S3Location | None = None
@@ -83,10 +85,13 @@ def find_parent(child: Location, meta: Metadata, override: str | os.PathLike[str
             raise ParentError(f"parent {location} given with --parent does not exist", path=child)
         return location
     tried = candidates(child, meta)
+    why: list[str] = []
     for where in tried:
-        if _there(where):
+        missing = _there(where)
+        if missing is None:
             return where
-    names = ", ".join(str(p) for p in tried) or "no path in the parent locator"
+        why.append(f"{where} ({missing})" if isinstance(where, S3Location) else str(where))
+    names = ", ".join(why) or "no path in the parent locator"
     raise ParentError(f"parent not found (tried {names}); give it with --parent PATH", path=child,
                       field="ParentLocator")
 

@@ -11,7 +11,7 @@ import sys
 from importlib import import_module
 
 FRONT_ENDS = {"fuse": "harness.fuse", "nbd": "harness.nbd", "side-by-side": "harness.side_by_side",
-              "chain": "harness.chain"}
+              "chain": "harness.chain", "live": "harness.live"}
 
 
 def main() -> int:

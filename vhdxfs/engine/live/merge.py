@@ -118,23 +118,25 @@ async def _refreeze(disk: AsyncDisk, parent: DiskCore) -> None:
 
 async def _switch_inner(disk: AsyncDisk, child: DiskCore, layer: DiskCore, parent: DiskCore,
                         op: Operation) -> None:
-    """Steps 3 and 4 for an inner LAYER, paused: P durable and frozen again, the child re-pointed, LAYER gone."""
-    async with disk.paused():
-        with trio.CancelScope(shield=True):
-            op.phase = "switching"
-            await drive(parent.flusher.flush())
-            await drive(parent.flusher.finish())
-            await set_writable(disk, parent, False)
-            # P's DataWriteGuid is the one chosen at step 1 once anything was copied; still its old one when
-            # LAYER held nothing of its own (a checkpoint merged away at once).
-            await repoint(disk, child, parent, parent.image.header.data_write_guid)
-            chain = [item.path for item in layers(disk) if item is not layer]
-            await trio.to_thread.run_sync(record, chain)
-            host = disk.host_of(layer)
+    """Steps 3 and 4 for an inner LAYER: P durable and frozen again, the child re-pointed, the record without
+    LAYER, all while the disk serves (reads through LAYER or through P give the same bytes now); paused only
+    for the switch in memory; LAYER's file removed after."""
+    with trio.CancelScope(shield=True):
+        op.phase = "switching"
+        await drive(parent.flusher.flush())
+        await drive(parent.flusher.finish())
+        await set_writable(disk, parent, False)
+        # P's DataWriteGuid is the one chosen at step 1 once anything was copied; still its old one when
+        # LAYER held nothing of its own (a checkpoint merged away at once).
+        await repoint(disk, child, parent, parent.image.header.data_write_guid)
+        chain = [item.path for item in layers(disk) if item is not layer]
+        await trio.to_thread.run_sync(record, chain)
+        host = disk.host_of(layer)
+        async with disk.paused():
             child.parent = parent
             disk.core.chain()
             disk.rebind(disk.core)
-            await drop_file(layer, host)
+        await drop_file(layer, host)
 
 
 async def _mirror(disk: AsyncDisk, top: DiskCore, parent: DiskCore, op: Operation,
@@ -159,19 +161,18 @@ async def _mirror(disk: AsyncDisk, top: DiskCore, parent: DiskCore, op: Operatio
             todo = sorted(dirty)
             if len(todo) * bs <= SETTLED or passes >= MIRROR_PASSES:
                 break
-        async with disk.paused():
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            async with disk.paused():
                 op.phase = "switching"
                 copied += await copy_down(disk, top, parent, sorted(dirty), op)
                 disk.on_change = None
-                await drive(parent.flusher.flush())
-                await drive(parent.flusher.finish())
+                await drive(parent.flusher.flush())  # P holds everything, durably, before the record says so
                 chain = [item.path for item in layers(disk) if item is not top]
                 await trio.to_thread.run_sync(record, chain)
                 host = disk.host_of(top)
                 parent.chain()
                 disk.rebind(parent)
-                await drop_file(top, host)
+            await drop_file(top, host)  # no request reaches it now; a crash before leaves an unused file
         return copied, passes + 1
     finally:
         disk.on_change = None

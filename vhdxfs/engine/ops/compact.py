@@ -12,7 +12,8 @@ Two passes, neither of which changes what the disk reads:
 2. Blocks at the file's tail move into the holes lower down (punched blocks, a BAT region left behind by
    a resize), and the file is truncated after the last structure that stays (SpaceMap.plan_moves). A
    block's copy is durable before the BAT points at it (through the log), and the old copy is cut off
-   only once the log is clean, so at any instant the BAT points at a complete copy.
+   only once the log is clean, so at any instant the BAT points at a complete copy. A copy keeps the
+   holes of the block it copies (the new place is punched first), so moving never allocates more.
 
 Fixed images are left alone: LeaveBlockAllocated (2.6.2.1) says every block keeps its space.
 """
@@ -30,7 +31,7 @@ from ..disk.sync import Disk
 from ..image.host import HostFactory, HostIO, PosixFile
 from ..image.loader import VhdxFile
 from ..image.logged_update import LoggedUpdate
-from .hostfile import data_ranges
+from .hostfile import data_ranges, fd_of, start_writeback
 from .progress import Progress, no_progress
 from .zeroscan import is_zero
 
@@ -90,6 +91,22 @@ def discard_zero_blocks(path: str | os.PathLike[str], parent: str | os.PathLike[
     return freed, freed * bs
 
 
+def copy_range(host: HostIO, old: int, new: int, length: int, buf: bytearray) -> None:
+    """Copy [old, old+length) of the file to ``new`` (free space: no BAT entry names it yet). Where the
+    host can punch, the new place is punched first and only what the old one holds as data is copied, so
+    a block QEMU left sparse stays sparse; the writes start going to the disk as they are made."""
+    ranges: list[tuple[int, int]] = [(old, length)]
+    if fd_of(host) is not None and host.punch_hole(new, length):
+        ranges = list(data_ranges(host, old, length))
+    view = memoryview(buf)
+    for at, n in ranges:
+        for pos in range(at, at + n, len(buf)):
+            m = min(len(buf), at + n - pos)
+            host.pread_into(pos, view[:m])
+            host.pwrite(new + pos - old, view[:m])
+    start_writeback(fd_of(host), new, length)
+
+
 def move_tail_blocks(path: str | os.PathLike[str], host_factory: HostFactory = PosixFile, *,
                      progress: Progress = no_progress) -> tuple[int, int]:
     """Pass 2: (bytes moved, bytes truncated)."""
@@ -101,12 +118,11 @@ def move_tail_blocks(path: str | os.PathLike[str], host_factory: HostFactory = P
         host, g, bat = image.host, image.geometry, image.bat
         old_size = host.size()
         moved = sum(n for *_rest, n in moves)
+        buf = bytearray(COPY_CHUNK)
         with progress(moved, f"packing {image.path.name}") as bar:
             for index, old, new, length in moves:
-                for pos in range(0, length, COPY_CHUNK):
-                    n = min(COPY_CHUNK, length - pos)
-                    host.pwrite(new + pos, host.pread(old + pos, n))
-                    bar.update(n)
+                copy_range(host, old, new, length, buf)
+                bar.update(length)
                 if g.is_bitmap_index(index):
                     bat.set_bitmap(index // (g.chunk_ratio + 1), BitmapState.PRESENT, new)
                 else:

@@ -149,7 +149,7 @@ def spread(values: list[float]) -> str:
 
 def report(bench: Bench, elapsed: float) -> str:
     d = bench.disks
-    lines = [f"Disk {d['size'] / GiB:.0f} GiB holding {d['data'] / GiB:.2f} GiB in {d['runs']} runs of 1-8 MiB; "
+    lines = [f"Disk {d['size'] / GiB:g} GiB holding {d['data'] / GiB:.2f} GiB in {d['runs']} runs of 1-8 MiB; "
              f"{bench.args.rounds * 2} visits per contender (A B ... B A), medians with min–max.", ""]
     for job, by_who in bench.results.items():
         lines += [f"### {job}", "", "| contender | wall s | cpu s | output on the host, MiB | wall vs qemu-wb |",

@@ -8,10 +8,10 @@ result.
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ..engine import convert
+from ..engine import Progress, convert, no_progress
 from ..sizes import format_size, parse_size
-from .progress import progress
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     block_size = parse_size(args.block_size, "--block-size") if args.block_size else None
     sparse = parse_size(args.sparse_size, "--sparse-size")
+    bar: Progress = no_progress
+    if sys.stderr.isatty():  # the bar shows on a terminal only: elsewhere tqdm's import (20 ms) is saved
+        from .progress import progress as bar
     result = convert(args.src, args.dst, disk_type=args.type, block_size=block_size, parent=args.parent,
-                     sparse=sparse, progress=progress)
+                     sparse=sparse, progress=bar)
     print(f"converted {args.src} -> {args.dst} ({format_size(result.written)} of data)")
     return 0

@@ -35,8 +35,8 @@ from .hostfile import data_ranges, fd_of, start_writeback
 from .progress import Progress, no_progress
 from .zeroscan import is_zero
 
-COPY_CHUNK = 4 * MiB
-SCAN_PIECE = 4 * MiB  # the zero scan reads a block in pieces of this size...
+COPY_CHUNK = 1 * MiB
+SCAN_PIECE = 1 * MiB  # the zero scan reads a block in pieces of this size (they stay in the CPU cache)...
 FIRST_PIECE = 64 * 1024  # ...after a first small one
 
 

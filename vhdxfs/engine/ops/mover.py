@@ -4,7 +4,10 @@ One thread (``_read_ahead``) reads the source's pieces (sources.py) into a few l
 zero pieces (zeroscan.py); the calling thread writes the runs of data and hands each buffer back. pread and
 pwrite let go of the GIL while the kernel copies, so on two cores the reads, the writes and the scan run at
 the same time, where a single loop did them one after the other. Buffers are reused: the copy allocates
-nothing per chunk.
+nothing per chunk. They are 1 MiB: large enough that a syscall's cost vanishes, small enough that a buffer
+is still in the CPU's cache when the scan and the write read what the kernel copied in (4 MiB buffers cost
+30-90% more CPU time for the same conversion on the 2-vCPU machine of docs/performance.md; 256 KiB to
+1 MiB were alike).
 
 Writes keep the order of the pieces, in the calling thread, so what a target sees (its allocation order,
 the operations a power-cut test counts) is the same as with one loop. ``writeback`` (hostfile.py) is
@@ -29,8 +32,8 @@ from .progress import ProgressBar
 from .sources import Piece
 from .zeroscan import data_runs
 
-CHUNK = 4 * MiB  # the pieces' and buffers' size: large, aligned reads and writes
-DEPTH = 4  # buffers in flight: one being read, one being written, two ready
+CHUNK = 1 * MiB  # the pieces' and buffers' size: large, aligned I/O whose buffers stay in the CPU's cache
+DEPTH = 8  # buffers in flight: read ahead of the writer by up to 8 MiB
 WRITEBACK_STEP = 64 * MiB
 
 Write = Callable[[int, memoryview], object]

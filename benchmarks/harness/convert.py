@@ -115,9 +115,11 @@ class Bench:
         return sample
 
     def run(self) -> None:
-        self.disks = build(self.work, parse_size(self.args.size), parse_size(self.args.data), self.vhdxfs, self.env)
+        self.disks = build(self.work, parse_size(self.args.size), parse_size(self.args.data), self.args.jobs,
+                           self.vhdxfs, self.env)
         for name in ("src.raw", "src.vhdx", "base.qcow2", "child.qcow2", "child.avhdx", "half.vhdx"):
-            _read(self.work / name)
+            if (self.work / name).exists():
+                _read(self.work / name)
         for job in self.args.jobs:
             names = self.contenders(job)
             order = (names + names[::-1]) * self.args.rounds

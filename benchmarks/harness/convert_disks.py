@@ -96,11 +96,13 @@ def make_half(path: Path, size: int, data: int) -> dict[str, int]:
     return {"blocks": blocks, "block_size": bs}
 
 
-def build(work: Path, size: int, data: int, vhdxfs: list[str], env: dict[str, Any]) -> dict[str, Any]:
-    """Every disk of the run, in ``work``; what they are, for the report."""
+def build(work: Path, size: int, data: int, jobs: list[str], vhdxfs: list[str],
+          env: dict[str, Any]) -> dict[str, Any]:
+    """The disks the jobs need, in ``work``; what they are, for the report."""
     log(f"building the disks ({size >> 30} GiB, {data / (1 << 30):.1f} GiB of data) in {work}")
     layout = make_raw(work / "src.raw", size, data)
     run("qemu-img", "convert", "-f", "raw", "-O", "vhdx", work / "src.raw", work / "src.vhdx", timeout=1800)
-    make_chains(work, size, data, vhdxfs, env)
-    half = make_half(work / "half.vhdx", size, data)
+    if {"chain-to-vhdx", "commit"} & set(jobs):
+        make_chains(work, size, data, vhdxfs, env)
+    half = make_half(work / "half.vhdx", size, data) if "compact" in jobs else {}
     return {"size": size, "data": sum(n for _o, n in layout), "runs": len(layout), "half": half}

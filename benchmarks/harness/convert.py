@@ -1,9 +1,10 @@
 """benchmarks/run-convert: the offline data movers (convert, compact, commit) beside qemu-img, A B B A.
 
-The disks are built once (convert_disks.py) and read once so the page cache is warm, as in the issue that
-asked for this. Then, job by job, the contenders visit in the order A B C C B A per round, each visit on a
-fresh output (compact and commit: fresh copies of their images, not timed), after a `sync` so no visit pays
-for the write-back of the one before. A visit is the whole command, start-up and final flush included:
+The disks are built once (convert_disks.py). Then, job by job, the contenders visit in the order A B C C B A
+per round, each visit on a fresh output (compact and commit: fresh copies of their images), its inputs read
+just before so the page cache is warm as in the issue that asked for this, and after a `sync` so no visit
+pays for the write-back of the one before; none of that is timed. A visit is the whole command, start-up
+and final flush included:
 
   vhdxfs      vhdxfs convert SRC DST (flushes: fsync of a raw output, the VHDX closed)
   qemu-wb     qemu-img convert -t writeback ... (flushes at the end, like vhdxfs)
@@ -45,6 +46,8 @@ CONVERSIONS = {
     "chain-to-vhdx": ("child.avhdx", "child.qcow2", "qcow2", "out.vhdx", "child.qcow2"),
 }
 
+CHAIN_BASES = {"child.avhdx": ["src.vhdx"], "child.qcow2": ["base.qcow2"]}  # what a chain's top reads too
+
 
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
@@ -80,7 +83,8 @@ class Bench:
         return [*cmd, "commit", w / "c" / "child.avhdx"], kw, w / "c" / "src.vhdx", "child.qcow2"
 
     def setup(self, job: str, who: str) -> None:
-        """Remove the outputs; fresh copies for compact and commit; then everything written is on the disk."""
+        """Remove the outputs; fresh copies for compact and commit; the inputs read once more (other work on
+        the machine evicts them from the page cache); then everything written is on the disk."""
         for name in ("out.raw", "out.vhdx"):
             (self.work / name).unlink(missing_ok=True)
         shutil.rmtree(self.work / "c", ignore_errors=True)
@@ -90,6 +94,11 @@ class Bench:
                 ["base.qcow2", "child.qcow2"] if who.startswith("qemu") else ["src.vhdx", "child.avhdx"])
             for name in names:
                 run("cp", "--sparse=always", "--preserve=mode", self.work / name, self.work / "c" / name, timeout=1800)
+        else:
+            ours, theirs = CONVERSIONS[job][:2]
+            source = theirs if who.startswith("qemu") else ours
+            for name in [source, *CHAIN_BASES.get(source, [])]:
+                _read(self.work / name)
         os.sync()
 
     def visit(self, job: str, who: str, verify: bool) -> dict[str, float]:
@@ -117,9 +126,6 @@ class Bench:
     def run(self) -> None:
         self.disks = build(self.work, parse_size(self.args.size), parse_size(self.args.data), self.args.jobs,
                            self.vhdxfs, self.env)
-        for name in ("src.raw", "src.vhdx", "base.qcow2", "child.qcow2", "child.avhdx", "half.vhdx"):
-            if (self.work / name).exists():
-                _read(self.work / name)
         for job in self.args.jobs:
             names = self.contenders(job)
             order = (names + names[::-1]) * self.args.rounds

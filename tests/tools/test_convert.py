@@ -208,3 +208,26 @@ def test_a_full_host_disk_names_the_output_and_leaves_nothing(tmp_path, small_fs
     assert result.stderr == f"vhdxfs: {dst}: No space left on device\n"
     assert not dst.exists()
     assert os.listdir(small_fs) == ["lost+found"]
+
+
+def test_the_bar_shows_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    import sys
+    from contextlib import contextmanager
+
+    from vhdxfs import cli
+    from vhdxfs.tools import progress as bars
+
+    raw = tmp_path / "t.raw"
+    raw.write_bytes(b"t" * MiB)
+    drawn = []
+
+    @contextmanager
+    def progress(total, description):
+        drawn.append((total, description))
+        yield bars.tqdm(disable=True)
+
+    monkeypatch.setattr(bars, "progress", progress)
+    for tty, out in ((False, "a.vhdx"), (True, "b.vhdx")):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert cli.main(["convert", str(raw), str(tmp_path / out)]) == 0
+    assert drawn == [(MiB, "converting t.raw")]

@@ -1,6 +1,6 @@
 """The data mover of the offline tools: a reader thread and a writer, I/O overlapped with the work.
 
-One thread (``_read_ahead``) reads the source's pieces (sources.py) into a few large buffers and finds their
+One thread (``_ReadAhead``) reads the source's pieces (sources.py) into a few large buffers and finds their
 zero pieces (zeroscan.py); the calling thread writes the runs of data and hands each buffer back. pread and
 pwrite let go of the GIL while the kernel copies, so on two cores the reads, the writes and the scan run at
 the same time, where a single loop did them one after the other. Buffers are reused: the copy allocates

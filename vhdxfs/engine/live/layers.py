@@ -80,7 +80,8 @@ async def set_writable(disk: AsyncDisk, layer: DiskCore, writable: bool,
 async def repoint(disk: AsyncDisk, child: DiskCore, parent: DiskCore, linkage: uuid.UUID) -> None:
     """Make ``child``'s parent locator name ``parent`` (found by path, linked by ``linkage``), durably, in
     one log entry: through the daemon's own log when ``child`` is the top it writes, else through the
-    child's log while the child is made writable for it. Call paused."""
+    child's log while the child is made writable for it (metadata only: its DataWriteGuid stays). Safe while
+    the disk serves: nothing reads a locator after the chain is open."""
     entries = parent_locator_for(child.path, parent.path, linkage).entries
     if child.depth == 0:
         pages = await trio.to_thread.run_sync(locator_pages, child.image, entries)

@@ -14,10 +14,13 @@ Crash safety, as the offline commit (engine/ops/commit.py) and in this order:
    DataWriteGuid chosen now, and LAYER's locator accepts both (parent_linkage2, through LAYER's own log):
    at every instant LAYER opens over P;
 2. the copy; a crash leaves LAYER over a P that holds part of it: LAYER still answers for those blocks;
-3. paused: P is flushed and its log applied; then the layer above LAYER is re-pointed to P (one log
-   entry), or, for the top, the chain record names P as the top; from here a crash leaves the chain
-   without LAYER;
-4. the chain record forgets LAYER, the disk serves the new chain, LAYER's file is removed.
+3. an inner LAYER: P is flushed, its log applied and P frozen again; the layer above LAYER is re-pointed
+   to P (one log entry; from here a crash leaves the chain without LAYER) and the chain record forgets
+   LAYER, all while the disk serves (reads through LAYER or through P give the same bytes now); then a
+   pause only for the disk to take the new chain in memory;
+   the active top: paused, the rest of the copy, P flushed, the chain record names P as the top (from
+   here a crash leaves P with everything), the disk serves P;
+4. after the pause, no request reaches LAYER: its file is removed.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ from ...format import guids
 from ..aio import AsyncDisk
 from ..aio.drive import drive
 from ..disk.core import DiskCore
-from ..ops.commit import locator_pages, write_logged
-from .layers import copy_down, drop_file, find_layer, layers, own_blocks, record, repoint, set_writable
+from .layers import copy_down, drop_file, find_layer, layers, own_blocks, record, repoint, set_writable, write_locator
 from .state import Operation, exclusive
 
 MIRROR_PASSES = 8  # copies of what the top wrote meanwhile before the final, paused one
@@ -92,16 +94,7 @@ async def _prepare(disk: AsyncDisk, layer: DiskCore, parent: DiskCore, upcoming:
     entries["parent_linkage2"] = guids.braced(upcoming)
     await set_writable(disk, parent, True, upcoming)
     try:
-        if layer.depth == 0:
-            pages = await trio.to_thread.run_sync(locator_pages, layer.image, entries)
-            await drive(layer.flusher.flush(extra=pages))
-        else:
-            await set_writable(disk, layer, True)
-            try:
-                await trio.to_thread.run_sync(lambda: write_logged(layer.image, locator_pages(layer.image,
-                                                                                               entries)))
-            finally:
-                await set_writable(disk, layer, False)
+        await write_locator(disk, layer, entries)
     except BaseException:
         with trio.CancelScope(shield=True):
             await _refreeze(disk, parent)

@@ -58,15 +58,20 @@ def one_round(tmp_path, image, mountpoint, rnd: random.Random, written: dict[int
     os.kill(pid, signal.SIGKILL)
     stop.set()
     thread.join(timeout=30)
+    after_kill(pid, mountpoint)
+    written.update(ledger)
+    # The survivor: a dirty log is fine (a read-only check replays it in memory), inconsistency is not.
+    assert check_image(str(image))["status"] == "clean"
+
+
+def after_kill(pid: int, mountpoint) -> None:
+    """The killed daemon's mount detached, the process gone, its stale pid record and log removed."""
     subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.02)
     state_file(mountpoint).unlink(missing_ok=True)
     state_file(mountpoint).with_suffix(".log").unlink(missing_ok=True)
-    written.update(ledger)
-    # The survivor: a dirty log is fine (a read-only check replays it in memory), inconsistency is not.
-    assert check_image(str(image))["status"] == "clean"
 
 
 @pytest.mark.parametrize("rounds", [3], ids=["ci"])

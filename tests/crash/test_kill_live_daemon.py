@@ -9,13 +9,12 @@ import json
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.crash.test_kill_daemon import SLOT, writer
+from tests.crash.test_kill_daemon import SLOT, after_kill, writer
 from tests.helpers import make_image, need_root_fuse, need_tools, vhdxfs
 from vhdxfs.engine import Disk, check_image
 from vhdxfs.engine.live import chain_top
@@ -63,12 +62,7 @@ def kill_once(tmp_path, seed: int, ops: str) -> int:
     stop.set()
     load.join(timeout=30)
     ops_thread.join(timeout=60)
-    subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    state_file(mountpoint).unlink(missing_ok=True)
-    state_file(mountpoint).with_suffix(".log").unlink(missing_ok=True)
+    after_kill(pid, mountpoint)
     top = chain_top(image)
     with Disk.open(top) as disk:  # writable: every layer's log replayed
         chain = disk.chain()

@@ -49,6 +49,14 @@ class FakeDisk:
         await trio.lowlevel.checkpoint()
         return bytes(self.data[offset:offset + length])
 
+    def read_now(self, offset: int, length: int) -> None:
+        """Nothing is had without waiting here: the mount always takes ``read`` (recorded, failable)."""
+        return None
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """Likewise: the mount always takes ``write``."""
+        return False
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._enter("write", offset, len(data))
         self._writable()

@@ -108,11 +108,31 @@ def ranges_of(extents: list[tuple[int, int, int]], value: int) -> list[tuple[int
 
 
 def make_chain(directory: Path, seed: int = 7) -> Chain:
-    rnd = random.Random(seed)
-    base = make_image(directory / "base.vhdx", SIZE, block_size=BLOCK)
     mid, top = directory / "mid.avhdx", directory / "top.avhdx"
-    chain = Chain([Layer(base), Layer(mid), Layer(top)])
     plans = [(BASE_WRITES, []), (MID_WRITES, MID_DISCARDS), (TOP_WRITES, TOP_DISCARDS)]
+    return write_chain([directory / "base.vhdx", mid, top], plans, random.Random(seed))
+
+
+def make_deep_chain(directory: Path, children: int = 20, seed: int = 24) -> Chain:
+    """A base and ``children`` layers over it, each with a few random writes (unaligned ones too) and a
+    whole-block discard now and then: the deep chain the chain map answers for."""
+    rnd = random.Random(seed)
+    plans: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]] = []
+    for i in range(children + 1):
+        writes = [(rnd.randrange(0, SIZE - 2 * MiB) + rnd.choice([0, 0, 100]),
+                   rnd.choice([512, 4 * KiB, 64 * KiB, MiB + 512])) for _ in range(rnd.randrange(2, 8))]
+        discards = [(rnd.randrange(0, SIZE // BLOCK) * BLOCK, BLOCK)] if i and rnd.random() < 0.5 else []
+        plans.append((writes, discards))
+    paths = [directory / "base.vhdx", *(directory / f"layer{i:02}.avhdx" for i in range(children))]
+    return write_chain(paths, plans, rnd)
+
+
+def write_chain(paths: list[Path], plans: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]],
+                rnd: random.Random) -> Chain:
+    """Each path a layer over the one before (the first the base), written through the engine as its plan
+    says: (offset, length) writes of random bytes, then (offset, length) discards."""
+    base = make_image(paths[0], SIZE, block_size=BLOCK)
+    chain = Chain([Layer(base), *(Layer(path) for path in paths[1:])])
     for i, (layer, (writes, discards)) in enumerate(zip(chain.layers, plans, strict=True)):
         if i:
             create_child(layer.path, chain.layers[i - 1].path, block_size=BLOCK)

@@ -31,6 +31,7 @@ from tests.nbd.chain import (
     MiB,
     allocation_depths,
     make_chain,
+    make_deep_chain,
     merged,
     ranges_of,
 )
@@ -108,6 +109,18 @@ def test_nbdinfo_maps_the_allocation_depth_of_any_layer(serve, chain, k):
     assert {e["type"] for e in extents} == {0, *range(1, k + 2)}
     [export] = info["exports"]
     assert set(export["contexts"]) == {p.BASE_ALLOCATION, DEPTH}
+
+
+def test_a_twenty_layer_chain_maps_alike_over_nbd_in_vhdxfs_map_and_in_the_model(serve, tmp_path):
+    """Both answers come from the chain map (vhdxfs/engine/disk/chainmap.py); the model from the writes."""
+    deep = make_deep_chain(tmp_path)
+    top = deep.layers[-1].path
+    expected = deep.depths(len(deep.layers) - 1)
+    assert max(depth for _o, _l, depth in expected) > 10  # the test reaches deep into the chain
+    with serve("-o", "ro", top) as server:
+        assert depth_map(server.uri()) == expected
+        assert full_copy(server, tmp_path / "copy.raw") == deep.content(len(deep.layers) - 1)
+    assert vhdxfs_map_depths(top) == expected
 
 
 @pytest.mark.parametrize("k", [1, 2], ids=["mid", "top"])

@@ -4,7 +4,7 @@ Synchronous core, no trio imported (``import vhdxfs.engine`` stays fast):
 
 - ``Disk.open(path, read_only=..., parent=...)``: read, write, discard, write_zeroes, extents, flush, close;
 - image operations: create_image / ImageSpec / create_child, describe, check_image, check_and_repair,
-  repair_image, resize, compact, commit;
+  repair_image, resize, compact, commit, convert;
 - host I/O: the HostIO protocol, PosixFile (an OS file, locked), MemoryFile, FileBase;
 - where an image lives: Location (a Path, or an S3Location for ``s3://BUCKET/KEY``), parse_location,
   is_remote, absolute_location and location_key (one spelling per image); the S3 client's settings
@@ -33,6 +33,7 @@ _LAZY = {
     "ImageSpec": "ops.create", "create_child": "ops.create", "create_image": "ops.create",
     "default_block_size": "ops.create",
     "CommitResult": "ops.commit", "commit": "ops.commit",
+    "ConvertResult": "ops.convert", "convert": "ops.convert",
     "Progress": "ops.progress", "no_progress": "ops.progress",
     "repair_image": "ops.repair",
     "ResizeResult": "ops.resize", "resize": "ops.resize",

@@ -214,7 +214,9 @@ class RawFilesOperations(pyfuse3.Operations):
         disk = self.files[fh].disk
         if off >= disk.size:
             return b""
-        return await disk.read(off, min(size, disk.size - off))
+        n = min(size, disk.size - off)
+        data = disk.read_now(off, n)  # the common case: from the page cache, without a coroutine below us
+        return data if data is not None else await disk.read(off, n)
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -224,7 +226,9 @@ class RawFilesOperations(pyfuse3.Operations):
         if off >= f.disk.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)  # like writing past the end of a block device
         n = min(len(buf), f.disk.size - off)
-        await f.disk.write(off, memoryview(buf)[:n])
+        view = memoryview(buf)[:n]
+        if not f.disk.write_now(off, view):  # the common case is queued at once, without a coroutine below us
+            await f.disk.write(off, view)
         f.unflushed = True
         return n
 

@@ -33,6 +33,7 @@ from .wire import Closed, Parts, Wire, cancel_when_set
 log = logging.getLogger("vhdxfs.nbd")
 STOP_GRACE = 2.0  # once the server stops, how long replies may wait for a client to take them
 MAX_IN_FLIGHT = 256  # requests of one connection in flight
+FAIR_SHARE = 64  # requests a reader serves from its buffer before it lets the other tasks run
 MAX_DESCRIPTORS = 1 << 16  # per block status chunk, one chunk per context (the protocol's limit is 2**20)
 
 
@@ -127,14 +128,22 @@ class Transmission:
     async def _read_requests(self, handlers: trio.Nursery) -> None:
         """Read and admit requests; serve here those that need no wait (their replies go out together when
         the buffer runs dry: wire.py), start a task for the others. Nothing here passes through trio's
-        scheduler while requests are buffered and slots and budget are free."""
+        scheduler while requests are buffered and slots and budget are free, except once every
+        FAIR_SHARE requests: a client that keeps the buffer full must not hold the loop from the others."""
         taken: int | None = None
         wire = self.wire
+        served = 0
         try:
             while True:
                 header = wire.take(p.REQUEST_SIZE)
+                served += 1
                 if header is None:
+                    served = 0
                     header = await wire.exactly(p.REQUEST_SIZE)  # replies waiting in the batch go out first
+                elif served >= FAIR_SHARE:
+                    served = 0
+                    wire.flush()
+                    await trio.sleep(0)
                 request = p.parse_request(header)
                 if request.type == p.CMD_DISC:
                     return

@@ -61,11 +61,8 @@ class PosixFile(FileBase):
                 raise
 
     def _lock(self, *, exclusive: bool) -> None:
-        lock_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-        # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD).
-        arg = struct.pack("hhqqi4x", lock_type, os.SEEK_SET, 0, 0, 0)
         try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, arg)
+            self._set_lock(self.fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 from ...service.records import held_message  # names the daemon holding it (its pid record)
@@ -73,6 +70,12 @@ class PosixFile(FileBase):
                 raise ImageLockedError(held_message(self.path) or f"image is in use by another process (locked; "
                                        f"cannot be {how} now)", path=self.path) from None
             raise self._error(exc) from None
+
+    @staticmethod
+    def _set_lock(fd: int, lock_type: int) -> None:
+        """An OFD lock of ``lock_type`` on the whole file through ``fd`` (OSError if refused)."""
+        # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (0 for OFD).
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", lock_type, os.SEEK_SET, 0, 0, 0))
 
     def set_writable(self, writable: bool) -> None:
         """Change what this open may do with the file locked all along: read-only turns the exclusive lock
@@ -94,6 +97,13 @@ class PosixFile(FileBase):
         self.writable = True
 
     def _reopen_for_writing(self) -> None:
+        """Open the file again for writing and put the new open under the same descriptor number (dup2).
+
+        Readers on other threads hold ``self.fd`` while this runs; closing that number and taking another
+        would fail their reads (EBADF) or, once the number is reused by another open, read another file.
+        dup2 swaps the open behind the number in one step: a read already in the kernel finishes on the old
+        open, a later one uses the new. Locked, the new open takes a shared lock before the old one lets go
+        of its own, so no other process can take the file in between."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -103,19 +113,15 @@ class PosixFile(FileBase):
             if (old.st_dev, old.st_ino) != (new.st_dev, new.st_ino):
                 raise HostIOError("the file was replaced while it was open (its path names another file now)",
                                   path=self.path, errno=errno.ESTALE)
-            if self.locked:  # a shared lock first: ours on the old descriptor allows it, so there is no gap
-                previous, self.fd = self.fd, fd
-                try:
-                    self._lock(exclusive=False)
-                except BaseException:
-                    self.fd = previous
-                    raise
-                fd = previous
-            else:
-                self.fd, fd = fd, self.fd
+            if self.locked:
+                self._set_lock(fd, fcntl.F_RDLCK)  # ours on the old open is shared too: no conflict, no gap
+                # Let go of the old open's lock now: a read still in flight keeps that open alive a moment
+                # after dup2, and its lock would stand in the way of the exclusive one taken next.
+                self._set_lock(self.fd, fcntl.F_UNLCK)
+            os.dup2(fd, self.fd)
             self._fd_writable = True
         finally:
-            os.close(fd)
+            os.close(fd)  # the new open lives on under self.fd (an OFD lock belongs to the open, not the number)
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Through SEEK_DATA and SEEK_HOLE: the holes of a sparse file are never read (a large BAT of a

@@ -4,20 +4,25 @@ Hyper-V's way: the new child is ``<base stem>_<GUID>.avhdx`` next to the top (or
 running disk switches onto it while its users go on. The point in time is crash-consistent: every write
 acknowledged before the checkpoint began is in the frozen layer, none issued after it returned is.
 
-Steps, all while the disk is paused (new requests wait at its gate, the ones running finish first), in an
-order where a crash after any step leaves a chain that opens with every flushed write:
+Steps, in an order where a crash after any step leaves a chain that opens with every flushed write; only
+the switch pauses the disk (new requests wait at its gate, the ones running finish first):
 
-1. the top is flushed and its log applied (a clean, durable image: what the checkpoint holds);
+1. the top's DataWriteGuid is fixed for the rest of its life (it is set now if nothing was written yet) and
+   what it holds is flushed, while the disk serves;
 2. the child is created from the top's structures in memory (the top's exclusive lock keeps a second open
    out) and made durable, file and directory entry; a crash now leaves an unused file;
 3. the chain record (engine/image/chainrecord.py) names the child as the top: from now on a writable mount
-   of any layer opens the child, which reads as the frozen top did;
+   of any layer opens the child, which reads as the top does (every later write of the top is one the
+   child shows through, and its DataWriteGuid no longer changes);
 4. the child opens writable, its parent checked (DataWriteGuid, size, sectors) against the top in memory;
-5. the top freezes: its lock turns shared on the same descriptor (so a backup may open it read-only at
-   once, and no writer can take it in between) and its write-back queue stops;
-6. the disk serves the new chain.
+5. paused: the top is flushed once more (what was written since step 1: the checkpoint holds every write
+   acknowledged before it began, durably before any flush of the child can return) and the disk serves the
+   new chain;
+6. after the pause, no request reaches the old top: its log is applied and cleared, and it freezes: its
+   lock turns shared on the same descriptor (so a backup may open it read-only at once, and no writer can
+   take it in between) and its write-back queue stops.
 
-A failure before 6 undoes what was done (the record, the file, the freeze) and the disk goes on as it was.
+A failure before the switch undoes what was done (the record, the file) and the disk goes on as it was.
 """
 
 from __future__ import annotations
@@ -62,37 +67,41 @@ async def checkpoint(disk: AsyncDisk, name: str | None = None) -> Path:
     with exclusive(disk, "checkpoint", str(disk.path)) as op:
         top = disk.core
         path = checkpoint_path(local(top.path, "a checkpoint"), base(disk).path.stem, name)
-        async with disk.paused():
-            with trio.CancelScope(shield=True):  # begun, it finishes or undoes itself
-                op.phase = "flushing"
-                await drive(top.flusher.flush())
-                await drive(top.flusher.finish())
-                op.phase = "switching"
-                child = await _new_top(disk, top, path)
-                child.chain()
-                disk.rebind(child)
+        chain: list[Location] = [layer.path for layer in layers(disk)]
+        with trio.CancelScope(shield=True):  # begun, it finishes or undoes itself
+            op.phase = "preparing"
+            child = await _prepare(disk, top, path, chain)
+            try:
+                async with disk.paused():
+                    op.phase = "switching"
+                    # What was written since the flush of _prepare: the frozen layer must hold every write
+                    # acknowledged before, durably before any later flush of the child can return.
+                    await drive(top.flusher.flush())
+                    child.chain()
+                    disk.rebind(child)
+            except BaseException:
+                child.image.close()
+                await trio.to_thread.run_sync(_undo, chain, path)
+                raise
+            op.phase = "freezing"
+            await drive(top.flusher.finish())  # no request reaches the old top now: clean its log at leisure
+            await set_writable(disk, top, False)
         return path
 
 
-async def _new_top(disk: AsyncDisk, top: DiskCore, path: Path) -> DiskCore:
-    """Steps 2 to 5: the child's layer, opened writable over the frozen ``top``."""
-    chain: list[Location] = [layer.path for layer in layers(disk)]
+async def _prepare(disk: AsyncDisk, top: DiskCore, path: Path, chain: list[Location]) -> DiskCore:
+    """Steps 1 to 4 while the disk serves: the top's contents fixed (its DataWriteGuid) and mostly durable,
+    the child created over it, recorded as the top, opened writable. Only the switch then pauses the disk."""
+    if not top.headers.data_writes_begun:
+        await trio.to_thread.run_sync(top.headers.begin_data_writes)  # the DataWriteGuid the child links to
+    await drive(top.flusher.flush())
     await trio.to_thread.run_sync(create_child_of, path, top.image)
-    done: list[str] = []
     try:
         await trio.to_thread.run_sync(record, [path, *chain])
-        done.append("record")
-        child = await trio.to_thread.run_sync(_open_child, path, top)
-        done.append("opened")
-        try:
-            await set_writable(disk, top, False)
-        except BaseException:
-            child.image.close()
-            raise
-        return child
+        return await trio.to_thread.run_sync(_open_child, path, top)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_undo, chain, path, "record" in done)
+            await trio.to_thread.run_sync(_undo, chain, path)
         raise
 
 
@@ -106,9 +115,9 @@ def _open_child(path: Path, top: DiskCore) -> DiskCore:
     return DiskCore(image, top)
 
 
-def _undo(chain: list[Location], path: Path, recorded: bool) -> None:
-    if recorded:
-        record(chain)
+def _undo(chain: list[Location], path: Path) -> None:
+    """The record as it was (blocking; a record never written is written again as it was), no child."""
+    record(chain)
     path.unlink(missing_ok=True)
 
 

@@ -80,22 +80,27 @@ async def set_writable(disk: AsyncDisk, layer: DiskCore, writable: bool,
 
 
 async def repoint(disk: AsyncDisk, child: DiskCore, parent: DiskCore, linkage: uuid.UUID) -> None:
-    """Make ``child``'s parent locator name ``parent`` (found by path, linked by ``linkage``), durably, in
-    one log entry: through the daemon's own log when ``child`` is the top it writes, else through the
-    child's log while the child is made writable for it. Call paused."""
-    entries = parent_locator_for(child.path, parent.path, linkage).entries
-    if child.depth == 0:
-        pages = await trio.to_thread.run_sync(locator_pages, child.image, entries)
-        await drive(child.flusher.flush(extra=pages))
+    """Make ``child``'s parent locator name ``parent`` (found by path, linked by ``linkage``)."""
+    await write_locator(disk, child, parent_locator_for(child.path, parent.path, linkage).entries)
+
+
+async def write_locator(disk: AsyncDisk, layer: DiskCore, entries: dict[str, str]) -> None:
+    """Replace ``layer``'s parent locator entries, durably, in one log entry: through the daemon's own log
+    when ``layer`` is the top it writes, else through the layer's log while it is made writable for it
+    (metadata only: its DataWriteGuid stays). Safe while the disk serves: nothing reads a locator after
+    the chain is open."""
+    if layer.depth == 0:
+        pages = await trio.to_thread.run_sync(locator_pages, layer.image, entries)
+        await drive(layer.flusher.flush(extra=pages))
         return
-    await set_writable(disk, child, True)
+    await set_writable(disk, layer, True)
     try:
         def write() -> None:
-            write_logged(child.image, locator_pages(child.image, entries))
+            write_logged(layer.image, locator_pages(layer.image, entries))
 
         await trio.to_thread.run_sync(write)
     finally:
-        await set_writable(disk, child, False)
+        await set_writable(disk, layer, False)
 
 
 def own_blocks(layer: DiskCore) -> list[int]:

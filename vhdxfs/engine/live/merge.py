@@ -14,10 +14,13 @@ Crash safety, as the offline commit (engine/ops/commit.py) and in this order:
    DataWriteGuid chosen now, and LAYER's locator accepts both (parent_linkage2, through LAYER's own log):
    at every instant LAYER opens over P;
 2. the copy; a crash leaves LAYER over a P that holds part of it: LAYER still answers for those blocks;
-3. paused: P is flushed and its log applied; then the layer above LAYER is re-pointed to P (one log
-   entry), or, for the top, the chain record names P as the top; from here a crash leaves the chain
-   without LAYER;
-4. the chain record forgets LAYER, the disk serves the new chain, LAYER's file is removed.
+3. an inner LAYER: P is flushed, its log applied and P frozen again; the layer above LAYER is re-pointed
+   to P (one log entry; from here a crash leaves the chain without LAYER) and the chain record forgets
+   LAYER, all while the disk serves (reads through LAYER or through P give the same bytes now); then a
+   pause only for the disk to take the new chain in memory;
+   the active top: paused, the rest of the copy, P flushed, the chain record names P as the top (from
+   here a crash leaves P with everything), the disk serves P;
+4. after the pause, no request reaches LAYER: its file is removed.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ from ..aio import AsyncDisk
 from ..aio.drive import drive
 from ..disk.core import DiskCore
 from ..image.locations import Location, S3Location
-from ..ops.commit import locator_pages, write_logged
-from .layers import copy_down, drop_file, find_layer, layers, own_blocks, record, repoint, set_writable
+from .layers import copy_down, drop_file, find_layer, layers, own_blocks, record, repoint, set_writable, write_locator
 from .state import Operation, exclusive
 
 MIRROR_PASSES = 8  # copies of what the top wrote meanwhile before the final, paused one
@@ -97,16 +99,7 @@ async def _prepare(disk: AsyncDisk, layer: DiskCore, parent: DiskCore, upcoming:
     entries["parent_linkage2"] = guids.braced(upcoming)
     await set_writable(disk, parent, True, upcoming)
     try:
-        if layer.depth == 0:
-            pages = await trio.to_thread.run_sync(locator_pages, layer.image, entries)
-            await drive(layer.flusher.flush(extra=pages))
-        else:
-            await set_writable(disk, layer, True)
-            try:
-                await trio.to_thread.run_sync(lambda: write_logged(layer.image, locator_pages(layer.image,
-                                                                                               entries)))
-            finally:
-                await set_writable(disk, layer, False)
+        await write_locator(disk, layer, entries)
     except BaseException:
         with trio.CancelScope(shield=True):
             await _refreeze(disk, parent)
@@ -123,23 +116,25 @@ async def _refreeze(disk: AsyncDisk, parent: DiskCore) -> None:
 
 async def _switch_inner(disk: AsyncDisk, child: DiskCore, layer: DiskCore, parent: DiskCore,
                         op: Operation) -> None:
-    """Steps 3 and 4 for an inner LAYER, paused: P durable and frozen again, the child re-pointed, LAYER gone."""
-    async with disk.paused():
-        with trio.CancelScope(shield=True):
-            op.phase = "switching"
-            await drive(parent.flusher.flush())
-            await drive(parent.flusher.finish())
-            await set_writable(disk, parent, False)
-            # P's DataWriteGuid is the one chosen at step 1 once anything was copied; still its old one when
-            # LAYER held nothing of its own (a checkpoint merged away at once).
-            await repoint(disk, child, parent, parent.image.header.data_write_guid)
-            chain = [item.path for item in layers(disk) if item is not layer]
-            await trio.to_thread.run_sync(record, chain)
-            host = disk.host_of(layer)
+    """Steps 3 and 4 for an inner LAYER: P durable and frozen again, the child re-pointed, the record without
+    LAYER, all while the disk serves (reads through LAYER or through P give the same bytes now); paused only
+    for the switch in memory; LAYER's file removed after."""
+    with trio.CancelScope(shield=True):
+        op.phase = "switching"
+        await drive(parent.flusher.flush())
+        await drive(parent.flusher.finish())
+        await set_writable(disk, parent, False)
+        # P's DataWriteGuid is the one chosen at step 1 once anything was copied; still its old one when
+        # LAYER held nothing of its own (a checkpoint merged away at once).
+        await repoint(disk, child, parent, parent.image.header.data_write_guid)
+        chain = [item.path for item in layers(disk) if item is not layer]
+        await trio.to_thread.run_sync(record, chain)
+        host = disk.host_of(layer)
+        async with disk.paused():
             child.parent = parent
             disk.core.chain()
             disk.rebind(disk.core)
-            await drop_file(layer, host)
+        await drop_file(layer, host)
 
 
 async def _mirror(disk: AsyncDisk, top: DiskCore, parent: DiskCore, op: Operation,
@@ -164,19 +159,18 @@ async def _mirror(disk: AsyncDisk, top: DiskCore, parent: DiskCore, op: Operatio
             todo = sorted(dirty)
             if len(todo) * bs <= SETTLED or passes >= MIRROR_PASSES:
                 break
-        async with disk.paused():
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            async with disk.paused():
                 op.phase = "switching"
                 copied += await copy_down(disk, top, parent, sorted(dirty), op)
                 disk.on_change = None
-                await drive(parent.flusher.flush())
-                await drive(parent.flusher.finish())
+                await drive(parent.flusher.flush())  # P holds everything, durably, before the record says so
                 chain = [item.path for item in layers(disk) if item is not top]
                 await trio.to_thread.run_sync(record, chain)
                 host = disk.host_of(top)
                 parent.chain()
                 disk.rebind(parent)
-                await drop_file(top, host)
+            await drop_file(top, host)  # no request reaches it now; a crash before leaves an unused file
         return copied, passes + 1
     finally:
         disk.on_change = None

@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ParentError, Reason, UsageError
 from ...format import guids
-from ...format.constants import MiB
 from ...format.metadata import ParentLocator
 from ..disk.chain import open_chain
 from ..disk.runs import Kind
@@ -41,9 +41,9 @@ from ..image.locations import local
 from ..image.logged_update import LoggedUpdate, PageEdits, check_fits, replace_item
 from ..image.parents import check_parent, find_parent
 from ..image.posix import PosixFile
+from .mover import CHUNK, move
 from .progress import Progress, no_progress
-
-CHUNK = 4 * MiB
+from .sources import Piece, split
 
 
 @dataclass(frozen=True)
@@ -84,28 +84,30 @@ def store_linkage(child: VhdxFile, current: uuid.UUID, upcoming: uuid.UUID) -> N
     write_logged(child, locator_pages(child, entries))
 
 
-def _merge(child: VhdxFile, target: Disk, progress: Progress) -> tuple[int, int]:
-    """Copy what the child holds into ``target``, one chunk (one sector bitmap block) of the disk at a time."""
+def _pieces(child: VhdxFile) -> Iterator[Piece]:
+    """What the child holds, in order: its DATA runs as pieces read from its file, its ZERO runs as ZERO
+    pieces; one sector bitmap chunk of the disk translated at a time (run by the mover's reader thread)."""
     g = child.geometry
     bitmaps = new_bitmaps(g, child.read_meta)
     translator = Translator(child.bat, bitmaps, has_parent=True)
     io = SyncIO(child.host)
-    copied = zeroed = 0
-    with progress(g.virtual_size, f"committing {child.path.name}") as bar:
-        for start in range(0, g.virtual_size, g.chunk_size):
-            length = min(g.chunk_size, g.virtual_size - start)
-            for voff, n, kind, file_offset, _depth in run_sync(translator.translate_loading(io, start, length)):
-                if kind == Kind.ZERO:
-                    target.discard(voff, n)
-                    zeroed += n
-                elif kind == Kind.DATA:
-                    for pos in range(0, n, CHUNK):
-                        m = min(CHUNK, n - pos)
-                        target.write(voff + pos, child.host.pread(file_offset + pos, m))
-                        copied += m
-                bar.update(n)
-            bitmaps.blocks.clear()  # each chunk's bitmap is read once: keep memory flat
-    return copied, zeroed
+    for start in range(0, g.virtual_size, g.chunk_size):
+        length = min(g.chunk_size, g.virtual_size - start)
+        for voff, n, kind, file_offset, _depth in run_sync(translator.translate_loading(io, start, length)):
+            if kind == Kind.ZERO:
+                yield Piece(voff, n, Kind.ZERO)
+            elif kind == Kind.DATA:
+                yield from split(voff, n, CHUNK, child.host.pread_into, file_offset)
+        bitmaps.blocks.clear()  # each chunk's bitmap is read once: keep memory flat
+
+
+def _merge(child: VhdxFile, target: Disk, progress: Progress) -> tuple[int, int]:
+    """Copy what the child holds into ``target``: data written as it is (no zero detection: the parent's
+    blocks take the child's bytes), zeros discarded; reads overlapped with the writes (mover.py)."""
+    size = child.geometry.virtual_size
+    with progress(size, f"committing {child.path.name}") as bar:
+        moved = move(_pieces(child), target.write, total=size, bar=bar, zero=target.discard)
+    return moved.written, moved.zeroed
 
 
 def commit(child_path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,

@@ -45,7 +45,7 @@ def fio_verify(target: Path | str, *, size: int, seconds: float, seed: int) -> s
         ["fio", "--output-format=json", *where, "--name=verify", "--rw=randwrite",
          "--bsrange=4k-64k", "--iodepth=8", f"--size={size}",
          f"--runtime={seconds}", "--time_based", "--verify=crc32c", "--verify_backlog=32", "--verify_fatal=1",
-         "--do_verify=1", f"--randseed={seed}", "--norandommap"],
+         "--do_verify=1", "--verify_state_save=0", f"--randseed={seed}", "--norandommap"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -21,7 +21,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                           "chain reads. The output is sparse: holes, unallocated blocks and "
                                           "pieces of -S bytes that hold only zeros are not written. DST must "
                                           "not exist; it is flushed to disk before the command returns, and "
-                                          "removed if the conversion fails.")
+                                          "removed if the conversion fails. Either may be an object in an S3 "
+                                          "store, s3://BUCKET/KEY: a download is as sparse as any output; an "
+                                          "upload is built in a temporary file (in TMPDIR) and sent by multipart "
+                                          "upload.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--type", choices=("dynamic", "fixed"), default="dynamic", help="type of a VHDX output")

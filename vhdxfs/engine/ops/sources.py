@@ -13,6 +13,11 @@ memory (a read-only open never writes the file) may hold newer bytes in the log 
 chain is read through ``Disk.read``, which applies the log.
 
 ``RawSource`` is a raw file: its data ranges by SEEK_DATA, read with pread.
+
+Either may be an object in an S3 store (``s3://BUCKET/KEY``): its layers' hosts are then the S3 host
+(remote.py), which cannot tell holes, so every range counts as data and the zero scan alone keeps the
+output sparse. The mover's 1 MiB reads are large enough to go to the store directly, with the next ones
+fetched meanwhile while they are sequential.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from ..disk.chain import open_chain
 from ..disk.runs import Kind
 from ..disk.sync import Disk
 from ..image.host import HostFactory, HostIO
+from ..image.hosts import open_host
+from ..image.locations import S3Location, parse
 from ..image.posix import PosixFile
 from .hostfile import data_ranges
 
@@ -59,14 +66,15 @@ def split(offset: int, length: int, chunk: int, read: ReadInto, at: int) -> Iter
 class ChainSource:
     """A VHDX disk and its parents, open read-only, as DATA pieces read straight from the layers' files."""
 
-    def __init__(self, path: str | os.PathLike[str], parent: str | os.PathLike[str] | None = None, *,
+    def __init__(self, path: str | os.PathLike[str] | S3Location,
+                 parent: str | os.PathLike[str] | S3Location | None = None, *,
                  host_factory: HostFactory = PosixFile) -> None:
         core = open_chain(path, read_only=True, parent=parent, host_factory=host_factory)
         self.disk = Disk(core)
         layers = core.layers()
         self.hosts: list[HostIO] = [layer.image.host for layer in layers]
         self.through_log = any(layer.image.overlay is not None for layer in layers)
-        self.path = Path(path)
+        self.path = parse(path)
         self.size = self.disk.size
 
     def _read_disk(self, offset: int, view: memoryview) -> None:
@@ -89,11 +97,11 @@ class ChainSource:
 
 
 class RawSource:
-    """A raw file, read where it holds data (no lock: a raw file is no image of ours)."""
+    """A raw file (or object), read where it holds data (no lock: a raw file is no image of ours)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.host = PosixFile(self.path, writable=False, lock=False)
+    def __init__(self, path: str | os.PathLike[str] | S3Location) -> None:
+        self.path = parse(path)
+        self.host = open_host(self.path, writable=False, local_factory=_unlocked)
         self.size = self.host.size()
 
     def pieces(self, chunk: int) -> Iterator[Piece]:
@@ -102,3 +110,7 @@ class RawSource:
 
     def close(self) -> None:
         self.host.close()
+
+
+def _unlocked(path: Path, *, writable: bool) -> HostIO:
+    return PosixFile(path, writable=writable, lock=False)

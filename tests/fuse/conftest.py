@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,20 @@ def force_unmount(point: Path) -> None:
     deadline = time.monotonic() + 30
     while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@contextmanager
+def loop_ready_mount(tmp_path: Path) -> Iterator[Mount]:
+    """A Mount at tmp_path/mnt for tests that put loop devices on its raw files: the loops detached, then the
+    mount forced off, whatever the test left."""
+    need_root_fuse()
+    point = tmp_path / "mnt"
+    point.mkdir()
+    try:
+        yield Mount(point)
+    finally:
+        detach_loops_under(point)
+        force_unmount(point)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import Mount, detach_loops_under, force_unmount
+from tests.fuse.conftest import loop_ready_mount
 from tests.helpers import make_image, need_root_fuse, need_tools, qemu_check_clean, run, sha256, vhdxfs
 from vhdxfs.engine import Disk, check_image
 
@@ -114,14 +114,8 @@ def vhdimount_digest(image: Path) -> str:
 def mounted(tmp_path):
     need_root_fuse()
     need_tools("fio", "qemu-img")
-    point = tmp_path / "mnt"
-    point.mkdir()
-    m = Mount(point)
-    try:
+    with loop_ready_mount(tmp_path) as m:
         yield m
-    finally:
-        detach_loops_under(point)
-        force_unmount(point)
 
 
 def test_fio_verify_on_the_mount_while_the_chain_changes(tmp_path, mounted):

@@ -8,6 +8,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -15,6 +17,15 @@ import vhdxfs
 from vhdxfs.engine.image.blockcache import PAGE, BlockCache
 from vhdxfs.engine.image.locations import parse
 from vhdxfs.engine.image.remote import S3File
+
+
+@contextmanager
+def _host(url: str) -> Iterator[S3File]:
+    host = S3File(parse(url))
+    try:
+        yield host
+    finally:
+        host.close()
 
 
 def test_cache_pages_memory_bound_and_disk(tmp_path):
@@ -67,8 +78,7 @@ def test_a_page_evicted_while_read_from_disk_is_a_miss(tmp_path):
 def test_random_reads_fetch_about_what_they_read(images):
     """A random 4 KiB read costs one 4 KiB GET: bytes fetched over bytes read stays near 1."""
     path, url = images["fixed"]
-    host = S3File(parse(url))
-    try:
+    with _host(url) as host:
         rnd = random.Random(1)
         host.stats.bytes_fetched = 0
         read = 0
@@ -81,14 +91,11 @@ def test_random_reads_fetch_about_what_they_read(images):
                 f.seek(off)
                 assert bytes(buf) == f.read(4096)
         assert host.stats.bytes_fetched / read < 1.5, host.stats.__dict__
-    finally:
-        host.close()
 
 
 def test_sequential_reads_are_fetched_ahead(images):
     path, url = images["fixed"]
-    host = S3File(parse(url))
-    try:
+    with _host(url) as host:
         local = path.read_bytes()
         off, step = 1 << 20, 64 << 10
         requests_before = host.stats.requests
@@ -100,20 +107,15 @@ def test_sequential_reads_are_fetched_ahead(images):
         reads = (11 << 20) // step
         assert host.stats.requests - requests_before < reads / 3, host.stats.__dict__
         assert host.stats.hits > reads / 2
-    finally:
-        host.close()
 
 
 def test_large_reads_go_direct(images):
     path, url = images["fixed"]
-    host = S3File(parse(url))
-    try:
+    with _host(url) as host:
         buf = memoryview(bytearray(5 << 20))
         host.pread_into(1 << 20, buf)
         assert bytes(buf) == path.read_bytes()[1 << 20:6 << 20]
         assert not host.cache.memory or len(host.cache.memory) * PAGE < (5 << 20)
-    finally:
-        host.close()
 
 
 async def test_the_trio_driver_reads_a_remote_image(images):
@@ -138,9 +140,26 @@ async def test_the_trio_driver_reads_a_remote_image(images):
         await disk.close()
 
 
+# `python -c _LOADS local|remote COMMAND ARGS...`: runs the CLI as `vhdxfs COMMAND ARGS...`, then checks that
+# the S3 client was loaded for "remote" and not for "local".
+_LOADS = ("import sys; from vhdxfs.cli import main; "
+          "assert main(sys.argv[2:]) == 0; "
+          "loaded = {'obstore', 'vhdxfs.engine.image.remote', 'vhdxfs.engine.image.s3client'} & set(sys.modules); "
+          "assert bool(loaded) == (sys.argv[1] == 'remote'), loaded")
+
+
 def test_a_local_image_loads_no_s3_client(tmp_path):
-    code = ("import sys, vhdxfs; from vhdxfs.tools import info; "
-            "from vhdxfs.engine import create_image, ImageSpec, describe; "
-            f"create_image({str(tmp_path / 'x.vhdx')!r}, ImageSpec(1 << 20)); describe({str(tmp_path / 'x.vhdx')!r}); "
-            "assert 'obstore' not in sys.modules and 'vhdxfs.engine.image.remote' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    """`vhdxfs info` (and map, check) of a local image, run as the CLI runs it, imports no S3 client; an s3://
+    URL does (the check can fail both ways)."""
+    image = tmp_path / "x.vhdx"
+    from vhdxfs.engine import ImageSpec, create_image
+
+    create_image(image, ImageSpec(1 << 20))
+    for command in ("info", "map", "check"):
+        subprocess.run([sys.executable, "-c", _LOADS, "local", command, str(image)], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def test_a_remote_image_loads_the_s3_client(images):
+    subprocess.run([sys.executable, "-c", _LOADS, "remote", "info", images["dynamic"][1]], check=True,
+                   stdout=subprocess.DEVNULL)

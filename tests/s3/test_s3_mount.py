@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import vhdxfs
-from tests.fuse.conftest import Mount, detach_loops_under, force_unmount
+from tests.fuse.conftest import loop_ready_mount
 from tests.fuse.test_live_fio import fio_result, fio_verify
-from tests.helpers import need_root_fuse, need_tools, run, sha256
+from tests.helpers import need_tools, run, sha256
 from tests.helpers import vhdxfs as cli
 from tests.nbd.conftest import serving
 from tests.s3.conftest import wait_until
@@ -36,40 +36,48 @@ def _key(url: str) -> str:
 
 @pytest.fixture
 def mnt(tmp_path):
-    need_root_fuse()
-    point = tmp_path / "mnt"
-    point.mkdir()
-    m = Mount(point)
-    try:
+    with loop_ready_mount(tmp_path) as m:
         yield m
-    finally:
-        detach_loops_under(point)
-        force_unmount(point)
 
 
-def test_mount_ro_of_every_kind(images, store, mnt):
+def _local_child(images, tmp_path: Path) -> Path:
+    """A local child over the remote dynamic base, some of its blocks written."""
+    child = tmp_path / "child.avhdx"
+    cli("create", child, "--parent", images["dynamic"][1], check=True)
+    with vhdxfs.open(child, "r+b") as f:
+        for i in range(8):
+            f.seek(i * (7 << 20) + 4096)
+            f.write(bytes([i + 1]) * 70000)
+    return child
+
+
+def test_mount_ro_of_every_kind(images, store, mnt, tmp_path):
     etags = {k: store.etag(_key(url)) for k, (_p, url) in images.items()}
     refused = mnt.mount(images["dynamic"][1], expect_ok=False)
     assert refused.returncode != 0 and "only read" in refused.stderr and "-o ro" in refused.stderr
-    mnt.mount(*(images[k][1] for k in KINDS), options="ro")
+    child = _local_child(images, tmp_path)
+    mnt.mount(*(images[k][1] for k in KINDS), child, options="ro")
     for kind in KINDS:
         path, url = images[kind]
         raw = mnt.raw(Path(_key(url)).stem + ".raw")
         assert sha256(raw) == _digest_of(path), kind
+    assert sha256(mnt.raw("child.raw")) == _digest_of(child)
     mnt.umount()
     assert {k: store.etag(_key(url)) for k, (_p, url) in images.items()} == etags
 
 
-def test_serve_ro(images, store, tmp_path):
+def test_serve_ro_of_every_kind(images, store, tmp_path):
     need_tools("nbdcopy")
-    path, url = images["4k"]
-    before = store.etag(_key(url))
-    with serving(url, "-o", "ro", socket_path=tmp_path / "s.sock") as server:
-        out = tmp_path / "copy.raw"
-        result = run("nbdcopy", server.uri("sector4k"), out)
-        assert result.returncode == 0, result.stderr
-    assert sha256(out) == _digest_of(path)
-    assert store.etag(_key(url)) == before
+    etags = {k: store.etag(_key(url)) for k, (_p, url) in images.items()}
+    child = _local_child(images, tmp_path)
+    with serving(*(images[k][1] for k in KINDS), child, "-o", "ro", socket_path=tmp_path / "s.sock") as server:
+        for kind, export, source in [*((k, Path(_key(images[k][1])).stem, images[k][0]) for k in KINDS),
+                                     ("chain", "child", child)]:
+            out = tmp_path / f"{export}.raw"
+            result = run("nbdcopy", server.uri(export), out)
+            assert result.returncode == 0, result.stderr
+            assert sha256(out) == _digest_of(source), kind
+    assert {k: store.etag(_key(url)) for k, (_p, url) in images.items()} == etags
 
 
 def test_a_guest_on_a_local_child_over_a_remote_base(images, store, mnt, tmp_path):

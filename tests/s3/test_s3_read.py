@@ -98,6 +98,8 @@ def test_local_child_over_remote_base(images, store, tmp_path):
     with vhdxfs.open(child) as f:
         assert f.read() == bytes(expected)
     assert cli("check", child).returncode == 0
+    layers = {e["layer"] for e in json.loads(cli("map", "--json", child, check=True).stdout) if e["data"]}
+    assert layers == {str(child), url}, layers  # the child's own blocks and the remote base's
     assert store.etag(_key(url)) == before
     # A downloaded copy of the parent next to the child is what relative_path finds: it wins over the URL.
     (tmp_path / "dynamic.vhdx").write_bytes(base.read_bytes())
@@ -135,3 +137,24 @@ def test_parent_not_found_says_why_each_candidate_failed(images, store, tmp_path
     assert f"{url} (" in message and "no such object" in message, message
     described = cli("info", child, check=True)  # info still describes the child, saying what it lacks
     assert "no such object" in described.stdout
+
+
+def test_a_remote_parent_is_verified_by_its_data_write_guid(images, store, tmp_path):
+    """Another image put at the parent's key (same size and sectors) is refused, not read as the parent."""
+    base, _url = images["dynamic"]
+    url = store.put(base, "linkage/base.vhdx")
+    child = tmp_path / "child.avhdx"
+    cli("create", child, "--parent", url, check=True)
+    with vhdxfs.open(child) as f:
+        assert f.read(4096) == base_read(base, 4096)
+    other = tmp_path / "other.vhdx"
+    cli("convert", base, other, check=True)  # the same contents, its own DataWriteGuid
+    store.put(other, "linkage/base.vhdx")
+    with pytest.raises(VhdxError) as caught:
+        vhdxfs.open(child)
+    assert "DataWriteGuid" in str(caught.value) and url in str(caught.value)
+
+
+def base_read(path, n: int) -> bytes:
+    with vhdxfs.open(path) as f:
+        return f.read(n)

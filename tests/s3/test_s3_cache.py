@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import trio
 
 import vhdxfs
@@ -73,6 +74,30 @@ def test_a_page_evicted_while_read_from_disk_is_a_miss(tmp_path):
     cache._disk_get = evicted_meanwhile  # type: ignore[method-assign]
     assert not cache.copy(0, view)
     cache.close()
+
+
+def test_the_cache_file_is_closed_after_the_read_under_way(tmp_path):
+    """close() during a read of the cache file leaves the descriptor open for that read (a number the OS
+    handed out again would be read as the cache), and the last user closes it; the page is then a miss."""
+    data = os.urandom(8 * PAGE)
+    cache = BlockCache(len(data), directory=str(tmp_path), identity="a")
+    cache.put(0, memoryview(data))
+    cache.memory.clear()
+    fd = cache.fd
+    read = cache._disk_get
+    seen: list[bytes | None] = []
+
+    def closed_meanwhile(fd_: int, page: int, nowait: bool) -> bytes | None:
+        cache.close()
+        os.fstat(fd_)  # still open: the read under way holds it
+        seen.append(read(fd_, page, nowait))
+        return seen[-1]
+
+    cache._disk_get = closed_meanwhile  # type: ignore[method-assign]
+    assert not cache.copy(0, memoryview(bytearray(PAGE)))
+    assert seen == [data[:PAGE]]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the read, its last user
 
 
 def test_random_reads_fetch_about_what_they_read(images):

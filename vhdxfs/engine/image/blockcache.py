@@ -11,6 +11,8 @@ Thread-safe: one lock around the maps, held for lookups, copies and a page's evi
 fetch or a read of the cache file), so ``copy(nowait=True)`` may run on an event loop's thread. A page read
 from the cache file with the lock let go counts only if it was not evicted (its hole punched) or written
 again meanwhile: each page on disk carries the number of its write, checked again once the read is done.
+The cache file's descriptor is closed only once no read or write of it is under way (``_using``), so a
+number the OS hands out again is never read or written as the cache.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class BlockCache:
         self.fd = -1
         self.disk: OrderedDict[int, int] = OrderedDict()  # page -> the number of its write (see _disk_get)
         self.writes = 0
+        self.users = 0  # reads and writes of the cache file under way without the lock
+        self.closing = -1  # the descriptor close() let go of while it was in use
         self.disk_limit = max(disk_bytes // PAGE, 256)
         if directory:
             self._open_disk(directory, identity)
@@ -60,13 +64,16 @@ class BlockCache:
         bound. The hole is punched under the lock, so a page written again later is never punched by an
         eviction that ran late."""
         with self.lock:
-            fd = self.fd
-            if fd < 0 or page in self.disk:
+            if self.fd < 0 or page in self.disk:
                 return
+            fd = self._use()
         try:
             os.pwrite(fd, data.ljust(PAGE, b"\0"), page * PAGE)
         except OSError:
             return  # a full or failing cache disk only costs fetches
+        finally:
+            with self.lock:
+                self._done()
         with self.lock:
             if self.fd != fd:
                 return  # closed meanwhile
@@ -75,6 +82,18 @@ class BlockCache:
             while len(self.disk) > self.disk_limit:
                 old, _ = self.disk.popitem(last=False)
                 self._punch(old)
+
+    def _use(self) -> int:
+        """The cache file's descriptor, kept open until ``_done`` (called with the lock held)."""
+        self.users += 1
+        return self.fd
+
+    def _done(self) -> None:
+        """One use of the descriptor over; the last one closes it if close() came meanwhile (lock held)."""
+        self.users -= 1
+        if not self.users and self.closing >= 0:
+            os.close(self.closing)
+            self.closing = -1
 
     def _punch(self, page: int) -> None:
         from .posix import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
@@ -108,8 +127,12 @@ class BlockCache:
             if written is None or (nowait and not _NOWAIT):
                 return None
             self.disk.move_to_end(page)
-            fd = self.fd
-        data = self._disk_get(fd, page, nowait)
+            fd = self._use()
+        try:
+            data = self._disk_get(fd, page, nowait)
+        finally:
+            with self.lock:
+                self._done()
         if data is None:
             return None
         with self.lock:
@@ -162,5 +185,8 @@ class BlockCache:
         with self.lock:
             self.memory.clear()
             if self.fd >= 0:
-                os.close(self.fd)
+                if self.users:
+                    self.closing = self.fd  # the last user closes it
+                else:
+                    os.close(self.fd)
                 self.fd = -1

@@ -38,14 +38,19 @@ def must(*args: object) -> str:
 
 def fio_verify(target: Path | str, *, size: int, seconds: float, seed: int) -> subprocess.Popen[str]:
     """fio writing random 4-64 KiB blocks with crc32c headers and reading each back (O_DIRECT, QD 8; a
-    ``nbd+unix://`` target goes through fio's nbd engine)."""
+    ``nbd+unix://`` target goes through fio's nbd engine). ``--serialize_overlap``: with --norandommap two
+    writes in flight at once may overlap, and no disk orders writes in flight (their overlap may hold either),
+    so fio would report such a range as corrupt now and then (fio's documentation says so); a checkpoint's
+    pause, which lets the queued requests go at once, made it frequent. fio then waits for the first of two
+    overlapping writes before sending the second, so every verify failure is ours."""
     where = [f"--filename={target}", "--ioengine=libaio", "--direct=1"] if isinstance(target, Path) else \
         ["--ioengine=nbd", f"--uri={target}"]
     return subprocess.Popen(
         ["fio", "--output-format=json", *where, "--name=verify", "--rw=randwrite",
          "--bsrange=4k-64k", "--iodepth=8", f"--size={size}",
          f"--runtime={seconds}", "--time_based", "--verify=crc32c", "--verify_backlog=32", "--verify_fatal=1",
-         "--do_verify=1", "--verify_state_save=0", f"--randseed={seed}", "--norandommap"],
+         "--do_verify=1", "--verify_state_save=0", f"--randseed={seed}", "--norandommap",
+         "--serialize_overlap=1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -113,3 +113,24 @@ def test_a_count_made_stale_by_a_write_is_not_kept_for_an_hour(tmp_path, mnt):
         time.sleep(0.2)
     assert os.stat(raw).st_blocks * 512 == 2 * MiB
     mnt.umount()
+
+
+async def test_a_count_made_in_pieces_equals_the_whole_disk_count(tmp_path):
+    """The count goes a piece at a time (the loop free between pieces, pieces growing and shrinking with their
+    cost): data on both sides of piece edges, in a chain, counts as one whole-disk walk does."""
+    from vhdxfs.engine import Kind, create_child
+    from vhdxfs.engine.aio import AsyncDisk
+    from vhdxfs.mount.allocation import COUNT_FIRST_PIECE, Allocation
+
+    base = make_image(tmp_path / "base.vhdx", 3 * GiB, block_size=MiB)
+    async with await AsyncDisk.open(base) as disk:
+        for at in (0, COUNT_FIRST_PIECE - 512, 3 * COUNT_FIRST_PIECE + 4096, GiB + 7 * 512):
+            await disk.write(at, b"p" * 1536)
+    create_child(tmp_path / "child.avhdx", base)
+    async with await AsyncDisk.open(tmp_path / "child.avhdx") as disk:
+        for at in range(COUNT_FIRST_PIECE - 8 * MiB, 3 * GiB, 37 * MiB + 512):
+            await disk.write(at, b"c" * 4096)
+        await disk.write(3 * GiB - 512, b"e" * 512)
+        whole = sum(e.length for e in await disk.extents() if e.kind == Kind.DATA)
+        counted = await Allocation(disk).count()
+    assert counted == whole and whole > 0

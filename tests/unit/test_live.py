@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 import trio
 
 from tests.helpers import make_image
-from vhdxfs.engine import Disk, check_image, describe
+from vhdxfs.engine import Disk, PosixFile, check_image, describe
 from vhdxfs.engine.aio import AsyncDisk
 from vhdxfs.engine.live import chain_info, chain_top, checkpoint, disk_status, merge, resize
 from vhdxfs.errors import ImageLockedError, Reason, VhdxError
@@ -52,6 +53,51 @@ async def test_a_checkpoint_freezes_the_top_and_the_disk_writes_into_a_new_child
     clean(base)
     with Disk.open(top, read_only=True) as reopened:
         assert bytes(reopened.read(MiB, 3 * MiB)) == before[:MiB] + after + before[2 * MiB:]
+
+
+class HeldSync(PosixFile):
+    """A host file whose fdatasync waits while ``hold`` is set: a test acts between a checkpoint's switch and
+    its flush of the old top (the only fdatasync of the top once ``hold`` is set in the test below)."""
+
+    hold = threading.Event()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def fdatasync(self) -> None:
+        if self.hold.is_set():
+            self.holding.set()
+            self.release.wait(60)
+        super().fdatasync()
+
+
+async def test_no_flush_after_a_checkpoint_returns_before_the_old_top_is_durable(tmp_path):
+    """The switch does not wait for the old top's data; a flush of the new top must (AsyncDisk.defer_flush)."""
+    base = make_image(tmp_path / "disk.vhdx", 16 * MiB, block_size=MiB)
+    for event in (HeldSync.hold, HeldSync.holding, HeldSync.release):
+        event.clear()
+    flush_returned_while_held: list[bool] = []
+    async with await AsyncDisk.open(base, host_factory=lambda p, writable: HeldSync(p, writable=writable)) as disk:
+        old_top = disk.core
+        await disk.write(0, b"a" * MiB)
+        await disk.flush()  # its DataWriteGuid set: from here the top's next fdatasync is the checkpoint's flush
+        await disk.write(MiB, b"b" * MiB)  # acknowledged, covered by no flush yet
+        HeldSync.hold.set()
+
+        async def flush_child() -> None:
+            await disk.flush()
+            flush_returned_while_held.append(not HeldSync.release.is_set())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoint, disk)
+            await trio.to_thread.run_sync(HeldSync.holding.wait)  # the old top's flush began: after the switch
+            assert disk.core is not old_top
+            nursery.start_soon(flush_child)
+            await trio.sleep(0.5)  # a flush that did not wait for the old top returns in milliseconds
+            HeldSync.hold.clear()
+            HeldSync.release.set()
+    assert flush_returned_while_held == [False]
+    with Disk.open(base, read_only=True) as frozen:
+        assert bytes(frozen.read(0, 2 * MiB)) == b"a" * MiB + b"b" * MiB
 
 
 async def test_a_checkpoint_name_is_the_file_name_and_must_be_new(tmp_path):

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import time
 
+import trio
+
 from ..engine import Kind
 from ..engine.aio import AsyncDisk
 
 ALLOCATION_RECOUNT = 5.0  # seconds
+COUNT_STEP = 0.005  # seconds: how long one piece of a count may keep the loop
+COUNT_FIRST_PIECE = 64 << 20
+COUNT_MIN_PIECE = 1 << 20
 ATTR_TIMEOUT = 3600.0  # seconds: how long the kernel keeps names and attributes that nothing has changed
 
 
@@ -48,9 +53,28 @@ class Allocation:
         now = time.monotonic()
         if self.counted is None or (not self.is_current() and now - self.counted_at > ALLOCATION_RECOUNT):
             changes = self._changes()  # before counting: a write that ends meanwhile makes the count stale
-            self.counted = sum(e.length for e in await self.disk.extents() if e.kind == Kind.DATA)
+            self.counted = await self._data_bytes()
             self.counted_at, self.counted_changes = now, changes
         return self.counted
+
+    async def _data_bytes(self) -> int:
+        """Counted a piece at a time, the loop free between pieces: a whole-disk count of a child with many
+        sector runs takes hundreds of milliseconds, which the disk's requests would wait out (a `stat` of
+        the raw file held a QD1 writer for 450 ms). A piece grows while it counts fast (a large sparse disk
+        takes few pieces) and shrinks once one takes longer than COUNT_STEP."""
+        size, pos, piece, total = self.disk.size, 0, COUNT_FIRST_PIECE, 0
+        while pos < size:
+            n = min(piece, size - pos)
+            started = time.perf_counter()
+            total += sum(e.length for e in await self.disk.extents(pos, n) if e.kind == Kind.DATA)
+            pos += n
+            took = time.perf_counter() - started
+            if took < COUNT_STEP / 4:
+                piece *= 2
+            elif took > COUNT_STEP:
+                piece = max(COUNT_MIN_PIECE, piece // 2)
+            await trio.lowlevel.checkpoint()
+        return total
 
     def attr_timeout(self) -> float:
         """How long the kernel may keep the count: ATTR_TIMEOUT while it is current (a write through the

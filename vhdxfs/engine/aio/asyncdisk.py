@@ -52,6 +52,9 @@ class AsyncDisk(DiskFacts):
         # Called with (offset, length) after each write, write-zeroes or discard: a live merge of the top
         # copies again what changed meanwhile (engine/live/merge.py).
         self.on_change: Callable[[int, int], None] | None = None
+        # Layers that left the top with writes no flush has covered yet (a checkpoint's frozen layer, from
+        # its switch until its own flush): a flush of the disk makes them durable first (``defer_flush``).
+        self._deferred: list[DiskCore] = []
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | S3Location, *, read_only: bool = False,
@@ -220,7 +223,15 @@ class AsyncDisk(DiskFacts):
 
     async def flush(self) -> None:
         async with self._counted(self.stats.flush, 0):
+            await self.flush_deferred()
             await drive(self._core.flush())
+
+    async def flush_deferred(self) -> None:
+        """Flush the layers ``defer_flush`` named, each until one flush of it succeeds."""
+        for layer in list(self._deferred):
+            await drive(layer.flusher.flush())
+            if layer in self._deferred:
+                self._deferred.remove(layer)
 
     @contextlib.asynccontextmanager
     async def _counted(self, kind: KindStats, nbytes: int) -> AsyncIterator[None]:
@@ -282,6 +293,13 @@ class AsyncDisk(DiskFacts):
                        for layer in core.layers()]
         core.attach(self._hosts)
         self._core = core
+
+    def defer_flush(self, layer: DiskCore) -> None:
+        """``layer``, no longer the top, still holds acknowledged writes that no flush covered: the next flush
+        of the disk flushes it before the top, so no flush returns before they are durable. A checkpoint
+        switches to its new top this way without waiting for the old top's data (engine/live/checkpoint.py)."""
+        if layer not in self._deferred:
+            self._deferred.append(layer)
 
     def host_of(self, layer: DiskCore) -> AsyncHost:
         return self._hosts[layer.depth]

@@ -18,8 +18,8 @@ from ..engine import Kind
 from ..engine.aio import AsyncDisk
 
 ALLOCATION_RECOUNT = 5.0  # seconds
-COUNT_STEP = 0.005  # seconds: how long one piece of a count may keep the loop
-COUNT_FIRST_PIECE = 64 << 20
+COUNT_STEP = 0.002  # seconds: how long one piece of a count may keep the loop (and the GIL)
+COUNT_FIRST_PIECE = 8 << 20
 COUNT_MIN_PIECE = 1 << 20
 ATTR_TIMEOUT = 3600.0  # seconds: how long the kernel keeps names and attributes that nothing has changed
 
@@ -60,8 +60,10 @@ class Allocation:
     async def _data_bytes(self) -> int:
         """Counted a piece at a time, the loop free between pieces: a whole-disk count of a child with many
         sector runs takes hundreds of milliseconds, which the disk's requests would wait out (a `stat` of
-        the raw file held a QD1 writer for 450 ms). A piece grows while it counts fast (a large sparse disk
-        takes few pieces) and shrinks once one takes longer than COUNT_STEP."""
+        the raw file held a QD1 writer for 450 ms). Resting as long as each piece took leaves the GIL to the
+        write-back threads too (without the rest, a count in pieces still starved them: the queue filled and
+        a writer waited 440 ms). A piece grows while it counts fast (a large sparse disk takes few pieces)
+        and shrinks once one takes longer than COUNT_STEP."""
         size, pos, piece, total = self.disk.size, 0, COUNT_FIRST_PIECE, 0
         while pos < size:
             n = min(piece, size - pos)
@@ -73,7 +75,7 @@ class Allocation:
                 piece *= 2
             elif took > COUNT_STEP:
                 piece = max(COUNT_MIN_PIECE, piece // 2)
-            await trio.lowlevel.checkpoint()
+            await trio.sleep(took)  # as long again for the rest: the write-back threads need the GIL too
         return total
 
     def attr_timeout(self) -> float:

@@ -5,11 +5,9 @@ layer's AsyncHost (asynchost.py: reads inline from the page cache or in a worker
 write-back queue), completes the plan. Steps (a bitmap to load, a block to allocate, flush, close) run in
 ``drive``. Opening (parsing, log replay, finding parents) is blocking work and runs in a worker thread.
 Concurrent calls are fine: steps take the engine's locks (allocation, flush) as trio locks, and planning
-never waits.
-
-Every request passes the gate (gate.py), which a live operation (engine/live/) closes while it changes the
-chain, and is counted (stats.py). The live operations' seam: ``core``, ``paused``, ``rebind``, ``host_of``,
-``read_layer`` and ``write_layer`` (the bytes of one layer of the chain), and ``on_change``.
+never waits. Every request passes the gate (gate.py), which a live operation (engine/live/) closes while it
+changes the chain, and is counted (stats.py). The live operations' seam: ``core``, ``paused``, ``rebind``,
+``host_of``, ``read_layer``/``write_layer`` (one layer's bytes), ``on_change`` and ``defer_flush``.
 """
 
 from __future__ import annotations
@@ -52,9 +50,7 @@ class AsyncDisk(DiskFacts):
         # Called with (offset, length) after each write, write-zeroes or discard: a live merge of the top
         # copies again what changed meanwhile (engine/live/merge.py).
         self.on_change: Callable[[int, int], None] | None = None
-        # Layers that left the top with writes no flush has covered yet (a checkpoint's frozen layer, from
-        # its switch until its own flush): a flush of the disk makes them durable first (``defer_flush``).
-        self._deferred: list[DiskCore] = []
+        self._deferred: list[DiskCore] = []  # layers a flush must flush first (defer_flush)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | S3Location, *, read_only: bool = False,
@@ -295,9 +291,8 @@ class AsyncDisk(DiskFacts):
         self._core = core
 
     def defer_flush(self, layer: DiskCore) -> None:
-        """``layer``, no longer the top, still holds acknowledged writes that no flush covered: the next flush
-        of the disk flushes it before the top, so no flush returns before they are durable. A checkpoint
-        switches to its new top this way without waiting for the old top's data (engine/live/checkpoint.py)."""
+        """``layer`` left the top with writes no flush covered: flushes flush it first until one succeeds (a
+        checkpoint's switch waits for none of the old top's data: engine/live/checkpoint.py)."""
         if layer not in self._deferred:
             self._deferred.append(layer)
 

@@ -90,6 +90,12 @@ def install(container: nspawn.Container) -> None:
     container.run("tee", "/etc/vhdxfs/test.conf",
                   input="IMAGES=/srv/test/disk.vhdx\nMOUNTPOINT=/srv/test/raw\nOPTIONS=-o allow_other\n")
     container.run("tee", "/etc/vhdxfs/nbd-test.conf", input="IMAGES=/srv/test/nbd.vhdx\n")
+    if any(nspawn.REPO.is_relative_to(tmp) for tmp in ("/tmp", "/var/tmp")):
+        # The NBD unit's PrivateTmp=yes hides a checkout under /tmp (a CI clone) from the service; an
+        # installed vhdxfs never lives there. The unit keeps PrivateTmp and gets the checkout bound back in.
+        container.run("mkdir", "-p", "/etc/systemd/system/vhdxfs-nbd@.service.d")
+        container.run("tee", "/etc/systemd/system/vhdxfs-nbd@.service.d/checkout.conf",
+                      input=f"[Service]\nBindReadOnlyPaths={nspawn.REPO}\n")
     container.run("systemctl", "daemon-reload")
 
 

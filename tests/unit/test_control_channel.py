@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +23,6 @@ from vhdxfs.service.control import Command, control_path
 from vhdxfs.service.control_client import ControlClient
 from vhdxfs.service.lifecycle import Life, Serving, run_daemon
 from vhdxfs.service.records import read_holder
-from vhdxfs.service.signals import STOP_SIGNALS
-
-
-@pytest.fixture(autouse=True)
-def signal_handlers() -> Iterator[None]:
-    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 class Daemon:

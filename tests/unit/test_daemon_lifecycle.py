@@ -23,16 +23,6 @@ from vhdxfs.errors import ImageLockedError, Reason, VhdxError
 from vhdxfs.service.daemon import daemonize
 from vhdxfs.service.lifecycle import Life, Serving, run_daemon
 from vhdxfs.service.records import read_record
-from vhdxfs.service.signals import STOP_SIGNALS
-
-
-@pytest.fixture(autouse=True)
-def signal_handlers() -> Iterator[None]:
-    """A daemon ignores stop signals once its life is over; the test process must not."""
-    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -99,7 +99,9 @@ def kills(tmp_path: Path, ops: str, runs: int) -> dict:
 @pytest.mark.parametrize("ops", ["checkpoint", "checkpoint,merge"])
 def test_kill_9_during_checkpoints_and_merges(tmp_path, ops):
     totals = kills(tmp_path, ops, 6)
-    assert totals["checkpoints checked"] > 0
+    # Something was really checked: a surviving checkpoint, or (with merges, which may take every checkpoint
+    # away in six short runs) a merge that ran before the kill.
+    assert totals["checkpoints checked"] > 0 if ops == "checkpoint" else totals["merges"] > 0
 
 
 @pytest.mark.stress

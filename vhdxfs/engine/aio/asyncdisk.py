@@ -146,8 +146,10 @@ class AsyncDisk(DiskFacts):
                     plan.release()
                 return False
             plan.complete()  # queued: its guard ends here (disk/guards.py)
-        elif not self._hosts[0].write_now(at, data):
-            return False
+        else:
+            queue = self._hosts[0].writeback  # AsyncHost.write_now, written out: on every write's path
+            if queue is None or not queue.write_now(at, data):
+                return False
         self.stats.write.add(n, perf_counter_ns() - started)
         if self.on_change is not None:
             self.on_change(offset, n)
@@ -228,7 +230,8 @@ class AsyncDisk(DiskFacts):
 
     async def flush(self) -> None:
         async with self.gate.counted(self.stats.flush, 0):
-            await self.flush_deferred()
+            if self._deferred:
+                await self.flush_deferred()
             await drive(self._core.flush())
 
     async def flush_deferred(self) -> None:

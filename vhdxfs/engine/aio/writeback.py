@@ -47,7 +47,7 @@ def _owned(data: bytes | bytearray | memoryview) -> memoryview:
 class WriteBack:
     """The queued writes of one host file; the async methods run on the trio thread only."""
 
-    def __init__(self, write: Callable[[int, memoryview], None], *, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, write: Callable[[int, bytes | memoryview], None], *, limit: int = DEFAULT_LIMIT) -> None:
         self._write = write
         self.limit = limit
         # Writes (seq, offset, view), calls (seq, fn, args, box, report_errors), or _STOP.
@@ -95,14 +95,15 @@ class WriteBack:
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue a write if that needs no wait (the queue has room, no failed write is pending); else False."""
-        if self.error is not None or self._issued_bytes - self._done_bytes + len(data) > self.limit:
+        if self._errors or self._issued_bytes - self._done_bytes + len(data) > self.limit:
             return False
-        view = _owned(data)
-        if view:
-            self._enqueue(offset, view)
+        if type(data) is not bytes:  # bytes (what pyfuse3 hands a write) are queued as they are
+            data = _owned(data)
+        if data:
+            self._enqueue(offset, data)
         return True
 
-    def _enqueue(self, offset: int, view: memoryview) -> None:
+    def _enqueue(self, offset: int, view: bytes | memoryview) -> None:
         n = len(view)
         if self._thread is None:
             self._start()

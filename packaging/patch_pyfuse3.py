@@ -17,8 +17,8 @@ Usage: python packaging/patch_pyfuse3.py SRC_DIR   (an unpacked pyfuse3-3.5.0 sd
    (cp, tar -S, qemu-img convert and nbdcopy look for them). The handler calls
    ``operations.lseek(fh, offset, whence)`` for the new offset and answers ENOSYS without such a method,
    so the kernel falls back to treating the whole file as data; ``pyfuse3.LSEEK_SUPPORTED`` marks it.
-4. polling (patch level 5): when the queue runs empty the loop polls the fd, with the GIL let go, for up to
-   32 us (``pyfuse3.set_poll_max_ns``; the mount's -o poll_us) before it sleeps in epoll, as QEMU's event
+4. polling (patch levels 5, 6): when the queue runs empty the loop polls the fd, with the GIL let go, for up to
+   64 us (``pyfuse3.set_poll_max_ns``; the mount's -o poll_us) before it sleeps in epoll, as QEMU's event
    loop does: the window doubles while requests come just after it and drops to nothing when they come
    later, so only a busy stream spins. A QD1 guest then finds the daemon awake instead of paying a
    sleeping thread's wake-up (docs/performance.md, "Polling").
@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PATCH_LEVEL = 5
+PATCH_LEVEL = 6
 
 HANDLER = '''
 
@@ -140,7 +140,7 @@ POLL = """
 # come just after it, and drops to nothing when they come later than POLL_MAX_NS, so an idle or a slow
 # stream of requests costs no spinning. set_poll_max_ns(0) turns it off.
 cdef long long _poll_ns = 0
-cdef long long _poll_max_ns = 32000
+cdef long long _poll_max_ns = 64000
 cdef long long POLL_START_NS = 4000
 
 def set_poll_max_ns(long long ns):

@@ -222,7 +222,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="comma-separated: ro, allow_other, uid=N, gid=N (owner shown for the files), poll_us=N "
-                        "(microseconds to poll for the next request before sleeping, default 32, 0: never); others "
+                        "(microseconds to poll for the next request before sleeping, default 64, 0: never); others "
                         "are passed to FUSE")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("--parent", metavar="PATH", help="parent of a differencing IMAGE, if it cannot be found")

@@ -43,7 +43,7 @@ class MountConfig:
     parent: str | None = None
     fuse_options: list[str] = field(default_factory=list)
     debug: bool = False
-    poll_us: int | None = None  # -o poll_us=N: how long the FUSE loop polls for the next request (pyfuse3's 32)
+    poll_us: int | None = None  # -o poll_us=N: how long the FUSE loop polls for the next request (pyfuse3's 64)
 
 
 def state_file(mountpoint: str | os.PathLike[str]) -> Path:

@@ -9,7 +9,9 @@ moves the plan's bytes, and completes it:
   ``prepare_read`` / ``prepare_write``, steps (steps.py) that do that and return the plan;
 - a plan holds typed runs (runs.py: DATA at a file offset of a layer, ZERO, HOLE; never PARENT: the chain
   is resolved) and a guard on the blocks they lie in (guards.py); ``complete()`` marks written sectors
-  present and lets the blocks go.
+  present and lets the blocks go;
+- ``locate(offset, length)`` / ``locate_write``: for a one-block request the driver serves before it yields
+  (a page-cache read, a write into the write-back queue), only the file offset: no plan, no guard.
 
 Everything else (write-zeroes, extents, flush, close) is a step: metadata work with little payload.
 The parts: Translator (translate.py), Allocation (allocate.py), Flusher (flush.py), BlockGuards.

@@ -17,6 +17,11 @@ Usage: python packaging/patch_pyfuse3.py SRC_DIR   (an unpacked pyfuse3-3.5.0 sd
    (cp, tar -S, qemu-img convert and nbdcopy look for them). The handler calls
    ``operations.lseek(fh, offset, whence)`` for the new offset and answers ENOSYS without such a method,
    so the kernel falls back to treating the whole file as data; ``pyfuse3.LSEEK_SUPPORTED`` marks it.
+4. polling (patch levels 5, 6): when the queue runs empty the loop polls the fd, with the GIL let go, for up to
+   64 us (``pyfuse3.set_poll_max_ns``; the mount's -o poll_us) before it sleeps in epoll, as QEMU's event
+   loop does: the window doubles while requests come just after it and drops to nothing when they come
+   later, so only a busy stream spins. A QD1 guest then finds the daemon awake instead of paying a
+   sleeping thread's wake-up (docs/performance.md, "Polling").
 
 ``pyfuse3.VHDXFS_PATCH_LEVEL`` tells setup.sh whether an installed build has every patch.
 Every change checks its anchor, so a different pyfuse3 version fails loudly instead of silently.
@@ -27,7 +32,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PATCH_LEVEL = 4
+PATCH_LEVEL = 6
 
 HANDLER = '''
 
@@ -89,7 +94,8 @@ OLD_LOOP = """    while not fuse_session_exited(session):
 """
 OLD_LOOP_END = """    log.debug('%s: terminated', name)
 """
-NEW_LOOP = """    on_wait = functools.partial(_start_reader, nursery, min_tasks, max_tasks)
+NEW_LOOP = """    cdef long long idle_since = 0
+    on_wait = functools.partial(_start_reader, nursery, min_tasks, max_tasks)
     while not fuse_session_exited(session):
         # vhdxfs: read first; a request already queued needs no trip through epoll. The fd is
         # non-blocking: an empty queue answers EAGAIN, and then one task (only one) waits.
@@ -98,9 +104,21 @@ NEW_LOOP = """    on_wait = functools.partial(_start_reader, nursery, min_tasks,
         if res == -errno.EAGAIN:
             if worker_data.active_readers:
                 break  # another task waits for the fd already
-            if not await _wait_fuse_readable():
-                break
-            continue
+            if not idle_since:
+                # vhdxfs: the queue just ran empty. Poll the fd a little before sleeping (QEMU's adaptive
+                # polling): the next request of a guest at queue depth 1 comes within microseconds, and
+                # finding it here saves the wake-up of a sleeping thread, the dearest part of a request.
+                idle_since = _now_ns()
+                if _poll_ns:
+                    with nogil:
+                        res = _poll_request(&buf, idle_since + _poll_ns)
+            if res == -errno.EAGAIN:
+                if not await _wait_fuse_readable():
+                    break
+                continue
+        if idle_since:
+            _adapt_poll(_now_ns() - idle_since)
+            idle_since = 0
         if res == -errno.EINTR:
             continue
         elif res < 0:
@@ -115,6 +133,42 @@ NEW_LOOP = """    on_wait = functools.partial(_start_reader, nursery, min_tasks,
         if py_retval is not None:
             await _pyfuse3.await_noting_wait(py_retval, on_wait)
 
+"""
+POLL = """
+
+# vhdxfs: adaptive polling, as QEMU's event loop does it (util/aio-posix.c): the window grows while requests
+# come just after it, and drops to nothing when they come later than POLL_MAX_NS, so an idle or a slow
+# stream of requests costs no spinning. set_poll_max_ns(0) turns it off.
+cdef long long _poll_ns = 0
+cdef long long _poll_max_ns = 64000
+cdef long long POLL_START_NS = 4000
+
+def set_poll_max_ns(long long ns):
+    '''vhdxfs: the longest the loop polls the FUSE fd for the next request before sleeping (0: never).'''
+    global _poll_max_ns, _poll_ns
+    _poll_max_ns = max(0, ns)
+    _poll_ns = min(_poll_ns, _poll_max_ns)
+
+cdef long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000000000 + ts.tv_nsec
+
+cdef int _poll_request(fuse_buf* buf, long long deadline) noexcept nogil:
+    cdef int res
+    while True:
+        res = fuse_session_receive_buf(session, buf)
+        if res != -errno.EAGAIN or _now_ns() >= deadline:
+            return res
+
+cdef void _adapt_poll(long long waited) noexcept:
+    global _poll_ns
+    if waited <= _poll_ns:
+        return  # found by polling
+    if waited > _poll_max_ns:
+        _poll_ns = 0
+    else:
+        _poll_ns = min(max(2 * _poll_ns, POLL_START_NS), _poll_max_ns)
 """
 START_READER = """
 
@@ -202,8 +256,14 @@ def patch_session_loop(pkg: Path) -> None:
         anchor = "    worker_data.task_count -= 1\n"
         if anchor not in source:
             fail(internal, anchor)
-        internal.write_text(source.replace(anchor, anchor + START_READER, 1))
+        source = source.replace(anchor, anchor + START_READER, 1)
+        loop = "async def _session_loop("
+        if loop not in source:
+            fail(internal, loop)
+        internal.write_text(source.replace(loop, POLL.lstrip("\n") + "\n\n" + loop, 1))
     insert_after(pkg / "__init__.pyx", "import os\n", "import functools\n")
+    insert_after(pkg / "__init__.pyx", "from posix.time cimport timespec\n",
+                 "from posix.time cimport clock_gettime, CLOCK_MONOTONIC\n")
     insert_after(pkg / "__init__.pyx", "    trio_token = trio.lowlevel.current_trio_token()\n",
                  "    os.set_blocking(session_fd, False)  # vhdxfs: the loop reads first, waits on EAGAIN\n")
     insert_after(pkg / "_pyfuse3.py", "import logging\n", "import types\n")

@@ -7,6 +7,8 @@ Contenders (each gets its own copy of one fresh dynamic image made by `qemu-img 
   passthrough  benchmarks/passthrough.py: pyfuse3 + trio serving a sparse raw file of the same size with no
                translation at all, through vhdxfs's own host I/O (the ceiling of this architecture)
   passthrough-threads (only if named in --contenders) the same with plain trio.to_thread + os.pread/pwrite
+  vhdxfs-nopoll (only if named in --contenders) vhdxfs mounted with -o poll_us=0: its request loop sleeps as
+               soon as no request is queued (the polling's A/B in one session)
   vhdxfs-base  (only with --baseline DIR) the same as vhdxfs, but the daemon runs the code of the checkout
                DIR (this repo's venv interpreter, PYTHONPATH=DIR): an A/B of two versions in one session.
                Visited right after vhdxfs; the table adds the ratio of medians vhdxfs/vhdxfs-base.
@@ -54,7 +56,7 @@ from .results import (
 from .visits import Visits, session
 
 CONTENDERS = ("vhdxfs", "qsd", "vhdimount", "passthrough")  # the default set, in visiting order
-OPTIONAL = ("passthrough-threads",)  # only when named in --contenders
+OPTIONAL = ("passthrough-threads", "vhdxfs-nopoll")  # only when named in --contenders
 RATIOS = ("qsd", "passthrough")  # the columns vhdxfs/<ref> (and vhdxfs/vhdxfs-base with --baseline)
 
 
@@ -88,6 +90,8 @@ class FuseBench(Visits):
         """A fresh instance of a contender: a context manager over its raw file."""
         if name == "vhdxfs":
             return vhdxfs(self.copy("disk"), self.work / "mnt-vhdxfs")
+        if name == "vhdxfs-nopoll":
+            return vhdxfs(self.copy("disk-np"), self.work / "mnt-vhdxfs-nopoll", options="poll_us=0")
         if name == BASELINE:
             return vhdxfs(self.copy("disk-b"), self.work / "mnt-vhdxfs-base", self.baseline)
         if name == "qsd":

@@ -30,11 +30,12 @@ from .procs import (
 
 
 @contextlib.contextmanager
-def vhdxfs(image: Path, mnt: Path, base: Baseline | None = None) -> Iterator[Path]:
-    """vhdxfs mount/umount: this repo's (vhdxfs_bin), or with base the code of another checkout (both)."""
+def vhdxfs(image: Path, mnt: Path, base: Baseline | None = None, options: str | None = None) -> Iterator[Path]:
+    """vhdxfs mount/umount: this repo's (vhdxfs_bin), or with base the code of another checkout (both);
+    ``options``: mount -o OPTIONS."""
     cmd, how = vhdxfs_cmd(base)
     mnt.mkdir(exist_ok=True)
-    run(*cmd, "mount", image, mnt, timeout=120, **how)
+    run(*cmd, "mount", *(["-o", options] if options else []), image, mnt, timeout=120, **how)
     try:
         if base:
             base.daemon(mnt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import signal
@@ -237,3 +238,45 @@ def test_discard_reads_zeros_and_returns_host_space(tmp_path, mnt):
     assert zero_range.returncode != 0  # modes we do not do fail cleanly (EOPNOTSUPP)
     mnt.umount()
     qemu_check_clean(image)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.parametrize("options", [None, "poll_us=1000", "poll_us=0"])
+def test_the_request_loop_polls_only_while_requests_keep_coming(tmp_path, mnt, options):
+    """The loop polls /dev/fuse for the next request before it sleeps (pyfuse3 patched, -o poll_us): a stream
+    of QD1 reads and writes is served right, and once it stops the daemon sleeps, spinning for nothing."""
+    image = make_image(tmp_path / "p.vhdx", 64 * MiB)
+    mnt.mount(image, options=options)
+    fd = os.open(mnt.raw("p.raw"), os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        rng = random.Random(7)
+        written = {}
+        for _ in range(3000):  # back to back: the window grows to its longest
+            off = rng.randrange(0, 64 * MiB // 4096) * 4096
+            if rng.random() < 0.5:
+                buf[:] = bytes([rng.randrange(256)]) * 4096
+                assert os.pwritev(fd, [buf], off) == 4096
+                written[off] = bytes(buf)
+            else:
+                assert os.preadv(fd, [buf], off) == 4096
+                assert bytes(buf) == written.get(off, bytes(4096))
+        pid = mnt.daemon_pid()
+        time.sleep(0.2)
+        before = _cpu_seconds(pid)
+        time.sleep(2)
+        assert _cpu_seconds(pid) - before < 0.2, "the idle daemon kept polling"
+    finally:
+        os.close(fd)
+    mnt.umount()
+    qemu_check_clean(image)
+
+
+def test_poll_us_takes_a_number(tmp_path, mnt):
+    image = make_image(tmp_path / "p.vhdx", 8 * MiB)
+    result = mnt.mount(image, options="poll_us=soon", expect_ok=False)
+    assert result.returncode != 0 and "poll_us=soon: poll_us takes a number" in result.stderr, result.stderr

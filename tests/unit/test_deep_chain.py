@@ -143,3 +143,43 @@ def test_a_64_tib_chain_of_twenty_layers_opens_small(tmp_path):
         tracemalloc.stop()
     assert peak < 64 * MiB, f"opening took {peak / MiB:.0f} MiB"
     assert [(e.kind, e.depth) for e in extents] == [(Kind.HOLE, 20)]
+
+
+def test_locate_finds_what_the_plans_find(tmp_path):
+    """The request path's shortcut (DiskCore.locate, locate_write: one run of data, no plan, no guard) answers
+    exactly as the plans would, in the top and through the chain map, and otherwise says None."""
+    rnd = random.Random(23)
+    chain, model = build_chain(tmp_path, rnd, 6)
+    with Disk.open(chain[-1]) as disk:
+        assert bytes(disk.read(0, SIZE)) == model  # every sector bitmap loaded
+        core = disk._core  # noqa: SLF001 - the engine's own test of its shortcut against its plans
+        for block in range(0, SIZE // core.block_size, 3):  # whole blocks of the top: FULLY_PRESENT
+            start = block * core.block_size
+            disk.write(start, model[start:start + core.block_size])
+        found: list[int] = []
+        located_writes = 0
+        for _ in range(3000):
+            offset = rnd.randrange(0, SIZE - 1) // 512 * 512 + rnd.choice([0, 0, 0, 7])
+            length = min(rnd.choice([512, 4 * KiB, 4 * KiB, 64 * KiB, MiB]), SIZE - offset)
+            plan = core.plan_read(offset, length)
+            assert plan is not None
+            runs = list(plan.runs)
+            plan.release()
+            at = core.locate(offset, length)
+            if at is not None:
+                assert [(r.kind, r.depth, r.file_offset) for r in runs] == [(Kind.DATA, *at)], (offset, length)
+                found.append(at[0])
+            elif len(runs) == 1 and runs[0].kind == Kind.DATA and runs[0].depth == 0:
+                top_block = core.bat.payload(offset // core.block_size)[0]
+                assert top_block != 6, (offset, length)  # FULLY_PRESENT in the top: locate must find it
+            write = core.plan_write(offset, length)
+            at_write = core.locate_write(offset, length)
+            if at_write is not None:
+                assert write is not None and [r.file_offset for r in write.runs] == [at_write], (offset, length)
+                located_writes += 1
+            if write is not None:
+                write.release()
+        assert found.count(0) > 100 and len(found) - found.count(0) > 100 and located_writes > 100
+        assert all(layer.guards.idle for layer in core.layers())
+    with Disk.open(chain[-1], read_only=True) as disk:
+        assert bytes(disk.read(0, SIZE)) == model

@@ -40,7 +40,7 @@ def parse_options(text: list[str], config: MountConfig) -> None:
                 config.read_only = False
             elif key == "allow_other":
                 config.allow_other = True
-            elif key in ("uid", "gid"):
+            elif key in ("uid", "gid", "poll_us"):
                 if not value.isdigit():
                     raise UsageError(f"{opt}: {key} takes a number", field="-o")
                 setattr(config, key, int(value))
@@ -221,8 +221,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="comma-separated: ro, allow_other, uid=N, gid=N (owner shown for the files); others are "
-                        "passed to FUSE")
+                   help="comma-separated: ro, allow_other, uid=N, gid=N (owner shown for the files), poll_us=N "
+                        "(microseconds to poll for the next request before sleeping, default 64, 0: never); others "
+                        "are passed to FUSE")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("--parent", metavar="PATH", help="parent of a differencing IMAGE, if it cannot be found")
     p.set_defaults(func=run_mount)

@@ -43,6 +43,7 @@ class MountConfig:
     parent: str | None = None
     fuse_options: list[str] = field(default_factory=list)
     debug: bool = False
+    poll_us: int | None = None  # -o poll_us=N: how long the FUSE loop polls for the next request (pyfuse3's 64)
 
 
 def state_file(mountpoint: str | os.PathLike[str]) -> Path:
@@ -119,6 +120,8 @@ async def _start(config: MountConfig, life: Life) -> Serving:
     # reports POLLERR), so this never touches a later mount on the same directory, and a loop that ended
     # for any other reason leaves no dead mount behind.
     life.callback(pyfuse3.close, unmount=True)
+    if config.poll_us is not None and hasattr(pyfuse3, "set_poll_max_ns"):  # the patched build (setup.sh)
+        pyfuse3.set_poll_max_ns(config.poll_us * 1000)
     images = ", ".join(config.images)
     # pyfuse3.main ends when a stop terminates it, the kernel ends the session (someone unmounted us), or
     # the session fails.

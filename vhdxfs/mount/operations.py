@@ -1,31 +1,26 @@
 """pyfuse3 Operations: a root directory holding one regular file, <stem>.raw, per mounted image.
 
-Only request handling lives here; opening images, mounting and shutting down belong to daemon.py.
-Every VhdxError becomes the FUSEError of its errno, so the kernel gets EROFS, ENOSPC or EIO as it is.
+Only request handling lives here; opening images, mounting and shutting down belong to daemon.py, the
+answers to errors to answers.py.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
 from ..engine import Kind, S3Location, parse_location
 from ..engine.aio import AsyncDisk
-from ..errors import VhdxError
 from .allocation import ATTR_TIMEOUT, Allocation
+from .answers import fuse_error, fuse_errors, trace
 
 log = logging.getLogger("vhdxfs.mount")
-P = ParamSpec("P")
-T = TypeVar("T")
 
 SEEK_WINDOW = 4 << 30  # SEEK_DATA / SEEK_HOLE look at the extents this much at a time
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -52,36 +47,6 @@ class RawFile:
         return await self.allocation.count()
 
 
-def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn VhdxError (and stray OSError) into FUSEError with the right errno, logging the cause; with
-    --debug, trace each request (file handle, offset, length).
-
-    Anything else (a bug) answers EIO with the traceback in the log: pyfuse3 would otherwise let it end
-    the whole FUSE loop, and one failed request is kinder to a VM than its whole disk vanishing.
-    """
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if log.isEnabledFor(logging.DEBUG):
-            shown = [a if not isinstance(a, bytes | memoryview) else f"<{len(a)} bytes>" for a in args[1:]]
-            log.debug("%s%s", fn.__name__, tuple(shown))
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except VhdxError as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s: unexpected error, answering EIO", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
 class RawFilesOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -94,6 +59,7 @@ class RawFilesOperations(pyfuse3.Operations):
         self.read_only = read_only
         self.uid, self.gid = uid, gid
         self.direct_io = direct_io
+        self.trace = log.isEnabledFor(logging.DEBUG)  # --debug: each read and write is logged
         self.mounted_at = time.time_ns()
         self.files: dict[int, RawFile] = {}
         self.by_name: dict[bytes, RawFile] = {}
@@ -134,11 +100,11 @@ class RawFilesOperations(pyfuse3.Operations):
             attrs.attr_timeout = f.allocation.attr_timeout()
         return attrs
 
-    @_fuse_errors
+    @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._file_attrs(inode)
 
-    @_fuse_errors  # lookup, setattr and readdir count the allocation: an I/O error answers EIO
+    @fuse_errors  # lookup, setattr and readdir count the allocation: an I/O error answers EIO
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if parent_inode != pyfuse3.ROOT_INODE:
@@ -150,7 +116,7 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self._file_attrs(f.inode)
 
-    @_fuse_errors
+    @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext | None) -> pyfuse3.EntryAttributes:
         """A size changes only through `vhdxfs resize` (truncate to the size it has is fine: losetup -c,
@@ -168,7 +134,7 @@ class RawFilesOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    @_fuse_errors
+    @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for f in sorted(self.files.values(), key=lambda f: f.inode):
             if f.inode <= start_id:
@@ -208,35 +174,47 @@ class RawFilesOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False, nonseekable=False)
 
     # pyfuse3's stub says read returns bytes; its handler takes any contiguous buffer (PyObject_GetBuffer in
-    # fuse_read_async), and the engine's reads are bytearrays we need not copy.
-    @_fuse_errors
+    # fuse_read_async), and the engine's reads are bytearrays we need not copy. read and write answer errors
+    # as fuse_errors does, written out: they are the hot path.
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
-        disk = self.files[fh].disk
-        if off >= disk.size:
-            return b""
-        n = min(size, disk.size - off)
-        data = disk.read_now(off, n)  # the common case: from the page cache, without a coroutine below us
-        return data if data is not None else await disk.read(off, n)
+        if self.trace:
+            trace("read", (fh, off, size))
+        try:
+            disk = self.files[fh].disk
+            end = disk.size
+            if off >= end:
+                return b""
+            n = size if off + size <= end else end - off
+            data = disk.read_now(off, n)  # the common case: from the page cache, without a coroutine below us
+            return data if data is not None else await disk.read(off, n)
+        except Exception as exc:
+            raise fuse_error("read", exc) from None
 
-    @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        f = self.files[fh]
-        if self.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if off >= f.disk.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)  # like writing past the end of a block device
-        n = min(len(buf), f.disk.size - off)
-        view = memoryview(buf)[:n]
-        if not f.disk.write_now(off, view):  # the common case is queued at once, without a coroutine below us
-            await f.disk.write(off, view)
-        f.unflushed = True
-        return n
+        if self.trace:
+            trace("write", (fh, off, buf))
+        try:
+            f = self.files[fh]
+            disk, end, n = f.disk, f.disk.size, len(buf)
+            if self.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            if off >= end:
+                raise pyfuse3.FUSEError(errno.ENOSPC)  # like writing past the end of a block device
+            if off + n > end:
+                n = end - off
+                buf = memoryview(buf)[:n]  # type: ignore[assignment]
+            if not disk.write_now(off, buf):  # the common case is queued at once, without a coroutine below us
+                await disk.write(off, buf)
+            f.unflushed = True
+            return n
+        except Exception as exc:
+            raise fuse_error("write", exc) from None
 
-    @_fuse_errors
+    @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush(self.files[fh])
 
-    @_fuse_errors
+    @fuse_errors
     async def flush(self, fh: int) -> None:
         """close(2): make what this file wrote durable, so a script may copy the image after closing."""
         f = self.files[fh]
@@ -256,7 +234,7 @@ class RawFilesOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         return None
 
-    @_fuse_errors
+    @fuse_errors
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE from the engine's extents (the kernel answers SEEK_SET/CUR/END itself)."""
         disk = self.files[fh].disk
@@ -274,7 +252,7 @@ class RawFilesOperations(pyfuse3.Operations):
             return disk.size  # the end of a file counts as a hole
         raise pyfuse3.FUSEError(errno.ENXIO)
 
-    @_fuse_errors
+    @fuse_errors
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         """PUNCH_HOLE|KEEP_SIZE is discard; plain allocation inside the disk is a no-op (space comes on write)."""
         f = self.files[fh]

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from time import perf_counter_ns
 
 import trio
@@ -31,7 +31,7 @@ from ..image.posix import PosixFile
 from .asynchost import AsyncHost
 from .drive import drive
 from .gate import Gate
-from .stats import IOStats, KindStats
+from .stats import IOStats
 
 _DATA = Kind.DATA
 
@@ -104,10 +104,17 @@ class AsyncDisk(DiskFacts):
     def read_now(self, offset: int, length: int) -> bytearray | None:
         """The bytes of [offset, offset+length) when they can be had without waiting at all (zeros, or one
         run whose bytes the host's page cache holds), else None: then ``read``. For front ends that serve a
-        request in the task that received it when they can (the NBD server)."""
+        request in the task that received it when they can (the FUSE mount, the NBD server)."""
         if self.gate.shut:
             return None
         started = perf_counter_ns()
+        at = self._core.locate(offset, length)  # most requests: no plan, the bytes are read before we return
+        data = self._hosts[at[0]].read_now(at[1], length) if at is not None else self._planned_now(offset, length)
+        if data is not None:
+            self.stats.read.add(length, perf_counter_ns() - started)
+        return data
+
+    def _planned_now(self, offset: int, length: int) -> bytearray | None:
         plan = self._core.plan_read(offset, length)
         if plan is None:
             return None
@@ -121,7 +128,6 @@ class AsyncDisk(DiskFacts):
             plan.release()
             return None
         plan.complete(data)
-        self.stats.read.add(length, perf_counter_ns() - started)
         return data
 
     # -- writes -------------------------------------------------------------------------------------------
@@ -131,17 +137,22 @@ class AsyncDisk(DiskFacts):
         if self.gate.shut:
             return False
         started = perf_counter_ns()
-        plan = self._core.plan_write(offset, len(data))
-        if plan is None:
-            return False
-        runs = plan.runs
-        if len(runs) != 1 or not self._hosts[0].write_now(runs[0].file_offset, data):
-            plan.release()
-            return False
-        plan.complete()  # queued: its guard ends here (disk/guards.py)
-        self.stats.write.add(len(data), perf_counter_ns() - started)
+        n = len(data)
+        at = self._core.locate_write(offset, n)  # most requests: no plan, the bytes are queued before we return
+        if at is None:
+            plan = self._core.plan_write(offset, n)
+            if plan is None or len(plan.runs) != 1 or not self._hosts[0].write_now(plan.runs[0].file_offset, data):
+                if plan is not None:
+                    plan.release()
+                return False
+            plan.complete()  # queued: its guard ends here (disk/guards.py)
+        else:
+            queue = self._hosts[0].writeback  # AsyncHost.write_now, written out: on every write's path
+            if queue is None or not queue.write_now(at, data):
+                return False
+        self.stats.write.add(n, perf_counter_ns() - started)
         if self.on_change is not None:
-            self.on_change(offset, len(data))
+            self.on_change(offset, n)
         return True
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -196,7 +207,7 @@ class AsyncDisk(DiskFacts):
         await self.write_zeroes(offset, length, unmap=True)
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        async with self._counted(self.stats.zero, length):
+        async with self.gate.counted(self.stats.zero, length):
             await self.zero_layer(self._core, offset, length, unmap)
         if self.on_change is not None:
             self.on_change(offset, length)
@@ -218,8 +229,9 @@ class AsyncDisk(DiskFacts):
             self.gate.leave()
 
     async def flush(self) -> None:
-        async with self._counted(self.stats.flush, 0):
-            await self.flush_deferred()
+        async with self.gate.counted(self.stats.flush, 0):
+            if self._deferred:
+                await self.flush_deferred()
             await drive(self._core.flush())
 
     async def flush_deferred(self) -> None:
@@ -228,20 +240,6 @@ class AsyncDisk(DiskFacts):
             await drive(layer.flusher.flush())
             if layer in self._deferred:
                 self._deferred.remove(layer)
-
-    @contextlib.asynccontextmanager
-    async def _counted(self, kind: KindStats, nbytes: int) -> AsyncIterator[None]:
-        """Through the gate, counted as ``kind`` (stats.py) for the requests that are not on the hot path."""
-        await self.gate.enter()
-        started = perf_counter_ns()
-        try:
-            yield
-        except BaseException:
-            kind.failures += 1
-            raise
-        finally:
-            self.gate.leave()
-        kind.add(nbytes, perf_counter_ns() - started)
 
     async def close(self) -> None:
         """Flush, apply the log, clear LogGuid (a clean image), release the locks."""

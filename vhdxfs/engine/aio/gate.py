@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from time import perf_counter_ns
 
 import trio
+
+from .stats import KindStats
 
 
 class Gate:
@@ -54,3 +57,18 @@ class Gate:
             self.shut = False
             self._reopened.set()
             self._reopened = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def counted(self, kind: KindStats, nbytes: int) -> AsyncIterator[None]:
+        """Through the gate, counted as ``kind`` (stats.py): for the requests off the hot path (flush, write
+        zeroes), which need no written-out fast form."""
+        await self.enter()
+        started = perf_counter_ns()
+        try:
+            yield
+        except BaseException:
+            kind.failures += 1
+            raise
+        finally:
+            self.leave()
+        kind.add(nbytes, perf_counter_ns() - started)

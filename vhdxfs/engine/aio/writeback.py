@@ -47,7 +47,7 @@ def _owned(data: bytes | bytearray | memoryview) -> memoryview:
 class WriteBack:
     """The queued writes of one host file; the async methods run on the trio thread only."""
 
-    def __init__(self, write: Callable[[int, memoryview], None], *, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, write: Callable[[int, bytes | memoryview], None], *, limit: int = DEFAULT_LIMIT) -> None:
         self._write = write
         self.limit = limit
         # Writes (seq, offset, view), calls (seq, fn, args, box, report_errors), or _STOP.
@@ -95,21 +95,27 @@ class WriteBack:
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Queue a write if that needs no wait (the queue has room, no failed write is pending); else False."""
-        if self.error is not None or self._issued_bytes - self._done_bytes + len(data) > self.limit:
+        if self._errors or self._issued_bytes - self._done_bytes + len(data) > self.limit:
             return False
-        view = _owned(data)
-        if view:
-            self._enqueue(offset, view)
+        if type(data) is not bytes:  # bytes (what pyfuse3 hands a write) are queued as they are
+            data = _owned(data)
+        if data:
+            self._enqueue(offset, data)
         return True
 
-    def _enqueue(self, offset: int, view: memoryview) -> None:
+    def _enqueue(self, offset: int, view: bytes | memoryview) -> None:
         n = len(view)
-        self._enqueue_started()
+        if self._thread is None:
+            self._start()
         self._issued += 1
         self._issued_bytes += n
         seq = self._issued
-        for granule in range(offset // GRANULE, (offset + n - 1) // GRANULE + 1):
-            self._last_write_to[granule] = seq
+        first, last = offset // GRANULE, (offset + n - 1) // GRANULE
+        if first == last:  # most writes
+            self._last_write_to[first] = seq
+        else:
+            for granule in range(first, last + 1):
+                self._last_write_to[granule] = seq
         if len(self._last_write_to) > 4096:
             self._last_write_to = {g: s for g, s in self._last_write_to.items() if s > self._done}
         self._queue.put((seq, offset, view))
@@ -121,7 +127,8 @@ class WriteBack:
         and every failure up to then counts as reported. A cancelled caller stops waiting, but the call
         still runs in its turn.
         """
-        self._enqueue_started()
+        if self._thread is None:
+            self._start()
         self._issued += 1
         seq = self._issued
         box: list[Any] = []
@@ -132,16 +139,14 @@ class WriteBack:
             raise error
         return result.unwrap()
 
-    def _enqueue_started(self) -> None:
-        """Before queueing: the writer thread runs, and knows how to wake this trio run."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vhdxfs-writeback", daemon=True)
-            self._thread.start()
-        self._token = trio.lowlevel.current_trio_token()
+    def _start(self) -> None:
+        """Before the first item is queued: the writer thread."""
+        self._thread = threading.Thread(target=self._run, name="vhdxfs-writeback", daemon=True)
+        self._thread.start()
 
     def settled(self, offset: int, length: int) -> bool:
         """True when no queued write to [offset, offset + length) is still waiting to reach the file."""
-        if not self.busy or length <= 0:
+        if self._done >= self._issued or length <= 0:  # not busy
             return True
         last = self._last_write_to.get
         return max(last(g, 0) for g in range(offset // GRANULE, (offset + length - 1) // GRANULE + 1)) <= self._done
@@ -167,6 +172,8 @@ class WriteBack:
         return errors[0] if errors else None
 
     async def _wait_for(self, seq: int) -> None:
+        # Only a waiter needs the writer thread to wake this trio run: the token is taken here, not per write.
+        self._token = trio.lowlevel.current_trio_token()
         event = trio.Event()
         self._waiters.append((seq, event))
         self._wake_at = min(self._wake_at, seq)
@@ -205,7 +212,7 @@ class WriteBack:
             self._done = seq
             if seq >= self._wake_at and not self._wake_scheduled:
                 self._wake_scheduled = True
-                assert self._token is not None, "set by the first enqueue"
+                assert self._token is not None, "set by the waiter (_wait_for)"
                 try:
                     self._token.run_sync_soon(self._wake)
                 except trio.RunFinishedError:

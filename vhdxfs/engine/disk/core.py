@@ -9,7 +9,9 @@ moves the plan's bytes, and completes it:
   ``prepare_read`` / ``prepare_write``, steps (steps.py) that do that and return the plan;
 - a plan holds typed runs (runs.py: DATA at a file offset of a layer, ZERO, HOLE; never PARENT: the chain
   is resolved) and a guard on the blocks they lie in (guards.py); ``complete()`` marks written sectors
-  present and lets the blocks go.
+  present and lets the blocks go;
+- ``locate(offset, length)`` / ``locate_write``: for a one-block request the driver serves before it yields
+  (a page-cache read, a write into the write-back queue), only the file offset: no plan, no guard.
 
 Everything else (write-zeroes, extents, flush, close) is a step: metadata work with little payload.
 The parts: Translator (translate.py), Allocation (allocate.py), Flusher (flush.py), BlockGuards.
@@ -130,8 +132,26 @@ class DiskCore(LayerWrites):
             guards.hold(block_offset)
         return ReadPlan(offset, runs, held, self._patches(runs) if self._overlays else None)
 
-    def _plan_below(self, offset: int, length: int) -> ReadPlan | None:
-        """The one-block plan of a read the chain map sends to a FULLY_PRESENT block of one frozen layer."""
+    def locate(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(layer depth, file offset) of a read of [offset, offset+length) that is one run of data in one
+        block (most requests), else None: then ``plan_read``. It holds no guard (guards.py), so the caller
+        must have the bytes before it yields: no flush can give the block's space away in between."""
+        block, within = divmod(offset, self.block_size)
+        if within + length > self.block_size or offset < 0 or length < 0 or offset + length > self.size \
+                or self._overlays:
+            return None
+        state, file_offset = self.bat.payload(block)
+        if state == _PRESENT:
+            return self.depth, file_offset + within
+        if state == _NOT_PRESENT and self.below is not None:
+            found = self._below(offset, length)
+            if found is not None:
+                return found[0].depth, found[1] + found[2]
+        return None
+
+    def _below(self, offset: int, length: int) -> tuple[DiskCore, int, int] | None:
+        """(layer, block's file offset, offset in the block) of a one-block read the chain map sends to a
+        FULLY_PRESENT block of one frozen layer; None for anything else."""
         below = self.below
         assert below is not None
         grain = below.grain
@@ -142,7 +162,14 @@ class DiskCore(LayerWrites):
             return None
         layer = below.layers[code & 0xFF]
         block, within = divmod(offset, layer.block_size)
-        _state, file_offset = layer.bat.payload(block)
+        return layer, layer.bat.payload(block)[1], within
+
+    def _plan_below(self, offset: int, length: int) -> ReadPlan | None:
+        """The one-block plan of a read the chain map sends to a FULLY_PRESENT block of one frozen layer."""
+        found = self._below(offset, length)
+        if found is None:
+            return None
+        layer, file_offset, within = found
         guards = layer.guards
         counts = guards.counts
         counts[file_offset] = counts.get(file_offset, 0) + 1

@@ -6,7 +6,9 @@ would return another block's data and a write would destroy it. So the core hand
 *plan*: the typed runs (runs.py) to move, and a guard on the blocks they lie in. A flush reuses a freed
 range only when no guard holds it (flush.py); held ranges wait for the next flush. Nothing else waits:
 requests on other blocks, however many blocks they span, allocate or read through a parent, never keep
-freed space from reuse.
+freed space from reuse. A request that moves its bytes before it yields needs no guard: nothing can run in
+between. For the most common of those (one block, read from the page cache or queued for writing) the core
+gives only the file offset (``DiskCore.locate``, ``locate_write``), the request path's shortcut.
 
 The count is per block of each layer (``BlockGuards``), so a guard costs a dict update per block. A later
 switch of layers under running I/O waits on the same counts (``idle``).

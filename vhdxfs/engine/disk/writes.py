@@ -53,6 +53,17 @@ class LayerWrites:
         if self.read_only:
             raise ReadOnlyError("image is open read-only", path=self.path)
 
+    def locate_write(self, offset: int, length: int) -> int | None:
+        """The file offset of a write of [offset, offset+length) into one allocated block (most requests),
+        else None: then ``plan_write``. It holds no guard (guards.py), so the caller must queue the bytes
+        before it yields: a queued write lands before any later reuse of the block's space."""
+        block, within = divmod(offset, self.block_size)
+        if within + length > self.block_size or offset < 0 or length <= 0 or offset + length > self.size \
+                or self.read_only or not self.headers.data_writes_begun:
+            return None
+        state, file_offset = self.bat.payload(block)
+        return file_offset + within if state == _PRESENT else None
+
     def plan_write(self, offset: int, length: int) -> WritePlan | None:
         """The plan of a write of [offset, offset+length), or None: ``prepare_write`` must first change the
         DataWriteGuid, allocate or load a bitmap; or, when ``sector_span`` differs from the range, the

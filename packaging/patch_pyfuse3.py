@@ -17,7 +17,7 @@ Usage: python packaging/patch_pyfuse3.py SRC_DIR   (an unpacked pyfuse3-3.5.0 sd
    (cp, tar -S, qemu-img convert and nbdcopy look for them). The handler calls
    ``operations.lseek(fh, offset, whence)`` for the new offset and answers ENOSYS without such a method,
    so the kernel falls back to treating the whole file as data; ``pyfuse3.LSEEK_SUPPORTED`` marks it.
-4. polling (patch levels 5, 6): when the queue runs empty the loop polls the fd, with the GIL let go, for up to
+4. polling (patch levels 5 to 7): when the queue runs empty the loop polls the fd, with the GIL let go, for up to
    64 us (``pyfuse3.set_poll_max_ns``; the mount's -o poll_us) before it sleeps in epoll, as QEMU's event
    loop does: the window doubles while requests come just after it and drops to nothing when they come
    later, so only a busy stream spins. A QD1 guest then finds the daemon awake instead of paying a
@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PATCH_LEVEL = 6
+PATCH_LEVEL = 7
 
 HANDLER = '''
 
@@ -257,7 +257,9 @@ def patch_session_loop(pkg: Path) -> None:
         if anchor not in source:
             fail(internal, anchor)
         source = source.replace(anchor, anchor + START_READER, 1)
-        loop = "async def _session_loop("
+        # Before the decorator: a block between it and the def would leave the loop a bare Cython coroutine
+        # (Cython drops the decorator silently), which trio cannot run as a task and live mounts hang.
+        loop = "@async_wrapper\nasync def _session_loop("
         if loop not in source:
             fail(internal, loop)
         internal.write_text(source.replace(loop, POLL.lstrip("\n") + "\n\n" + loop, 1))

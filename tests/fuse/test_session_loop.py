@@ -29,13 +29,13 @@ def test_the_installed_pyfuse3_carries_every_vhdxfs_patch():
     assert pyfuse3.FALLOCATE_SUPPORTED
 
 
-
 def test_the_request_loop_is_a_task_trio_can_run():
     """trio runs pure-Python coroutines as tasks; pyfuse3 wraps its Cython loop for that (``async_wrapper``).
     Cython silently drops a decorator that does not sit right above its def, and a bare Cython loop hung
     live mounts under load, so the patch must keep the wrapper in place."""
     loop = pyfuse3._session_loop  # a seam: the loop patch_pyfuse3.py rewrites
     assert inspect.iscoroutinefunction(loop) and hasattr(loop, "__wrapped__"), loop
+
 
 @pytest.fixture
 def loopfs(tmp_path):

@@ -180,9 +180,6 @@ def test_locate_finds_what_the_plans_find(tmp_path):
             if write is not None:
                 write.release()
         assert found.count(0) > 100 and len(found) - found.count(0) > 100 and located_writes > 100
-        for block in range(SIZE // core.block_size):  # present_at: payload as one int
-            state, file_offset = core.bat.payload(block)
-            assert core.bat.present_at(block) == (file_offset if state == 6 else -1 - state), block
         assert all(layer.guards.idle for layer in core.layers())
     with Disk.open(chain[-1], read_only=True) as disk:
         assert bytes(disk.read(0, SIZE)) == model

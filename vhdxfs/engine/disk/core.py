@@ -140,10 +140,10 @@ class DiskCore(LayerWrites):
         if within + length > self.block_size or offset < 0 or length < 0 or offset + length > self.size \
                 or self._overlays:
             return None
-        at = self.bat.present_at(block)
-        if at >= 0:
-            return self.depth, at + within
-        if at == -1 - _NOT_PRESENT and self.below is not None:
+        state, file_offset = self.bat.payload(block)
+        if state == _PRESENT:
+            return self.depth, file_offset + within
+        if state == _NOT_PRESENT and self.below is not None:
             found = self._below(offset, length)
             if found is not None:
                 return found[0].depth, found[1] + found[2]

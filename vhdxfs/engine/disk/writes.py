@@ -61,8 +61,8 @@ class LayerWrites:
         if within + length > self.block_size or offset < 0 or length <= 0 or offset + length > self.size \
                 or self.read_only or not self.headers.data_writes_begun:
             return None
-        at = self.bat.present_at(block)
-        return at + within if at >= 0 else None
+        state, file_offset = self.bat.payload(block)
+        return file_offset + within if state == _PRESENT else None
 
     def plan_write(self, offset: int, length: int) -> WritePlan | None:
         """The plan of a write of [offset, offset+length), or None: ``prepare_write`` must first change the

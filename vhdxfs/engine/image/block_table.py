@@ -38,7 +38,6 @@ ENTRIES_PER_PAGE = LOG_SECTOR_SIZE // 8
 _PAGE_SHIFT = 9  # ENTRIES_PER_PAGE == 1 << _PAGE_SHIFT
 _IN_PAGE = ENTRIES_PER_PAGE - 1
 _ZERO_PAGE = bytes(LOG_SECTOR_SIZE)
-_FULLY_PRESENT = int(PayloadState.FULLY_PRESENT)
 _BARE = {0, 1, 2, 3}  # payload states without file space: NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED
 
 PAYLOAD_STATES = {s.value for s in PayloadState}
@@ -126,16 +125,6 @@ class BlockAllocationTable:
             return 0, 0
         e = page[index & _IN_PAGE]
         return e & 7, (e >> OFFSET_SHIFT) << OFFSET_SHIFT  # == entry_offset(e)
-
-    def present_at(self, block: int) -> int:
-        """The file offset of payload block ``block`` if it is FULLY_PRESENT, else -1 - its state: ``payload``
-        as one int, for the one-block shortcut every page-cache read takes (DiskCore.locate)."""
-        index = block + block // self._chunk_ratio
-        page = self.pages[index >> _PAGE_SHIFT]
-        if page is None:
-            return -1
-        e = page[index & _IN_PAGE]
-        return (e >> OFFSET_SHIFT) << OFFSET_SHIFT if e & 7 == _FULLY_PRESENT else -1 - (e & 7)
 
     def entry(self, index: int) -> int:
         page = self.pages[index >> _PAGE_SHIFT]

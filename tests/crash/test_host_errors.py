@@ -43,7 +43,7 @@ class FailingReads(PosixFile):
 
     fail_from = 1 << 62
 
-    def read_cached(self, offset: int, view: memoryview) -> bool:
+    def read_cached(self, offset: int, view: memoryview | bytearray) -> bool:
         return False
 
     def pread_into(self, offset: int, view: memoryview) -> None:

@@ -70,7 +70,7 @@ class JitterFile(PosixFile):
         elif r < 0.3:
             time.sleep(0)
 
-    def read_cached(self, offset: int, view: memoryview) -> bool:
+    def read_cached(self, offset: int, view: memoryview | bytearray) -> bool:
         return self._draw() >= 0.5 and super().read_cached(offset, view)
 
     def pread_into(self, offset, view):

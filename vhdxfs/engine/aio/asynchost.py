@@ -91,7 +91,7 @@ class AsyncHost:
         if self.writeback is not None and not self.writeback.settled(offset, length):
             return None
         buf = bytearray(length)
-        return buf if self.host.read_cached(offset, memoryview(buf)) else None
+        return buf if self.host.read_cached(offset, buf) else None  # the buffer itself: no view to make
 
     async def pread(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)

@@ -145,7 +145,7 @@ class BlockCache:
         with self.lock:
             return page in self.memory or page in self.disk
 
-    def copy(self, offset: int, view: memoryview, *, nowait: bool = False) -> bool:
+    def copy(self, offset: int, view: memoryview | bytearray, *, nowait: bool = False) -> bool:
         """Fill ``view`` with the object's bytes at ``offset`` if every page is cached (``nowait``: without a
         wait on the disk); False, and ``view`` partly filled, otherwise."""
         end = offset + len(view)

@@ -160,12 +160,12 @@ class PosixFile(FileBase):
         except OSError as exc:
             raise self._error(exc) from None
 
-    def read_cached(self, offset: int, view: memoryview) -> bool:
+    def read_cached(self, offset: int, view: memoryview | bytearray) -> bool:
         """Fill ``view`` from the page cache without blocking (RWF_NOWAIT); False if the disk is needed."""
         if not _NOWAIT or self.fd < 0:
             return False
         try:
-            return os.preadv(self.fd, [view], offset, _NOWAIT) == len(view)
+            return os.preadv(self.fd, (view,), offset, _NOWAIT) == len(view)
         except OSError:
             return False  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here; pread_into decides
 

@@ -254,7 +254,7 @@ class S3File(FileBase):
         raise HostIOError("the block cache is too small for the reads it serves (set VHDXFS_S3_MEMORY higher)",
                           path=self.path, errno=errno.EIO)
 
-    def read_cached(self, offset: int, view: memoryview) -> bool:
+    def read_cached(self, offset: int, view: memoryview | bytearray) -> bool:
         if offset + len(view) > self._size or not self.cache.copy(offset, view, nowait=True):
             return False
         self.stats.hits += 1
